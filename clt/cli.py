@@ -1,0 +1,159 @@
+"""`clt <verb>`: the command line. Each verb parses its arguments and calls one module; user errors print one
+line (`clt: error: ...`) and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from clt.config import ConfigError
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's to fix: shown as one line, exit 2."""
+    errors: list[type[BaseException]] = [ConfigError]
+    from clt.data.prepare import PrepareError
+    from clt.data.shards import ShardError
+    errors += [PrepareError, ShardError]
+    return tuple(errors)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Verbs.
+# ----------------------------------------------------------------------------------------------------------
+def cmd_plan(args: argparse.Namespace) -> int:
+    from clt import config, plan, report
+
+    cfg = config.load(args.config, args.overrides)
+    resolved = plan.resolve(cfg)
+    if args.csv:
+        print(report.plan_csv(resolved))
+        return 0
+    total_tokens = resolved.total_rows * resolved.seq_len
+    print(f"plan {resolved.digest()}: {len(resolved.phases)} phases, {resolved.total_steps} steps, "
+          f"{report._fmt_count(total_tokens)} tokens (seq_len {resolved.seq_len}, seed {resolved.seed})")
+    print(report.format_table(report.plan_rows(resolved)))
+    if args.plot:
+        report.plot_plan(resolved, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    """One LR segment on its own: `clt schedule cosine peak=1e-3 warmup=0.1 --steps 1000 --csv`."""
+    from clt import config, plan, report
+    from clt.schedule import lr_at
+
+    fields = {k: v for k, v in (_split_kv(o) for o in args.overrides)}
+    sched = dict(kind=args.kind, **fields) if args.kind in config.SCHEDULE_KINDS else dict(preset=args.kind, **fields)
+    raw = dict(data=dict(domains={"all": "-"}, seq_len=args.seq_len), batch_size=args.batch_size,
+               phases=(dict(name="segment", steps=args.steps, mixture={"all": 1.0}, schedule=sched),))
+    cfg = config.from_dict(raw)
+    resolved = plan.resolve(cfg)
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        steps = np.arange(args.steps)
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.plot(steps, np.asarray(lr_at(resolved, steps)), color="C3")
+        ax.set_xlabel("step")
+        ax.set_ylabel("learning rate")
+        ax.set_title(report.describe_segment(resolved.phases[0].schedule), fontsize=9)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        plt.close(fig)
+        print(f"wrote {args.plot}")
+    if args.csv or not args.plot:
+        import numpy as np
+
+        lr = np.asarray(lr_at(resolved, np.arange(args.steps)))
+        print("step,lr")
+        print("\n".join(f"{s},{v:.6g}" for s, v in enumerate(lr)))
+    return 0
+
+
+def _split_kv(item: str) -> tuple[str, object]:
+    from clt.config import parse_value
+
+    if "=" not in item:
+        raise ConfigError(item, item, "a schedule parameter is key=value", "write e.g. peak=1e-3")
+    k, v = item.split("=", 1)
+    return k.strip(), parse_value(v)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from clt.data import prepare
+
+    if args.what == "demo":
+        summary = prepare.prepare_demo(args.out, progress=not args.quiet)
+    else:
+        if not args.domain:
+            raise ConfigError("--domain", None, "`clt prepare text` needs a domain name", "add --domain NAME")
+        summary = prepare.prepare_text(args.files, domain=args.domain, tokenizer=args.tokenizer, out=args.out,
+                                       eval_fraction=args.eval_fraction, split=args.split,
+                                       progress=not args.quiet)
+    print(f"wrote {args.out}: {summary}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parser.
+# ----------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="clt", description="Continual pre-training orchestrator.")
+    sub = ap.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("plan", help="show a config's resolved phase plan")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. phases.shift.replay=0.25")
+    p.add_argument("--csv", action="store_true", help="one row per step: step,phase,lr,w/<domain>...")
+    p.add_argument("--plot", metavar="FILE.png", help="draw LR and mixture weights over steps")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("schedule", help="show one LR segment (a built-in kind or a preset)")
+    p.add_argument("kind", help="constant|linear|cosine|inverse_sqrt|wsd|infinite|power or a schedules/ preset")
+    p.add_argument("overrides", nargs="*", help="schedule fields, e.g. peak=1e-3 warmup=0.1")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=32, help="for the power schedule's token count")
+    p.add_argument("--seq-len", type=int, default=1024, help="for the power schedule's token count")
+    p.add_argument("--csv", action="store_true")
+    p.add_argument("--plot", metavar="FILE.png")
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("prepare", help="tokenize text into clt shards")
+    p.add_argument("what", choices=["text", "demo"])
+    p.add_argument("files", nargs="*")
+    p.add_argument("--out", required=True)
+    p.add_argument("--domain")
+    p.add_argument("--tokenizer", default="byte", help="byte, or a Hugging Face tokenizer.json")
+    p.add_argument("--eval-fraction", type=float, default=0.05)
+    p.add_argument("--split", choices=["file", "paragraph"], default="file",
+                   help="one document per file, or per blank-line-separated paragraph")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow options (`--steps 100 peak=1e-3`); anything else is a usage error.
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"clt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Token shards, tokenizers, demo data and the step-indexed input pipeline."""

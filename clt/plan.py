@@ -1,0 +1,259 @@
+"""The phase plan: a validated config resolved into absolute step ranges, "what holds at step s".
+
+Every duration (steps, tokens, percent of a budget) and every fraction (warmup, decay, cooldown, anneal,
+upsampling window) becomes an integer number of steps here, once, with the rounding rules of DESIGN.md:
+tokens -> ceil(tokens / (batch x seq_len)); fractions -> round(fraction x phase steps). Everything downstream
+(schedule.py, mixture.py, the data pipeline, the trainer) reads only the resolved `Plan`.
+
+The resolved plan is written to `<workdir>/plan.json` when a run starts and is the authority on resume:
+phases that already ran keep their step ranges even if the config's percents change later (`resolve(...,
+past=...)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from clt.config import Config, ConfigError, PhaseConfig, ScheduleConfig
+from clt.mixture import resolve_replay_weights
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A phase's LR segment with every length in steps (see schedule.py for the formulas)."""
+
+    kind: str
+    peak: float
+    end: float
+    warmup: int = 0
+    decay: int = 0
+    """wsd/power: decay steps at the end of the segment."""
+    shape: str = "1-sqrt"
+    const: float = 0.0
+    cooldown: int = 0
+    anneal: int = 0
+    anneal_shape: str = "exponential"
+    branch: bool = False
+    alpha: float = 1.0
+    a: float = 4.0
+    b: float = -0.51
+    chain_start: int = 0
+    """infinite: first step of the run of consecutive infinite phases (warmup and cooldown happen once)."""
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """One resolved phase. Weights are tuples over `Plan.domains`."""
+
+    name: str
+    index: int
+    start: int
+    """First step (global; the number of updates applied before it)."""
+    end: int
+    """One past the last step."""
+    batch_size: int
+    row_start: int
+    """Global row (sequence) number of the phase's first row."""
+    mixture: tuple[float, ...]
+    schedule: Segment
+    optimizer: str = "keep"
+    replay_share: float = 0.0
+    replay_source: str = "mixture"
+    replay_weights: tuple[float, ...] = ()
+    """Over domains; pro rata to the fresh rows of earlier phases unless the config gave weights."""
+    upsample_start: int | None = None
+    upsample_mixture: tuple[float, ...] | None = None
+    blend_steps: int = 0
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+    @property
+    def rows(self) -> int:
+        return self.steps * self.batch_size
+
+
+@dataclass(frozen=True)
+class Plan:
+    domains: tuple[str, ...]
+    seq_len: int
+    seed: int
+    block_rows: int
+    phases: tuple[PhasePlan, ...]
+
+    @property
+    def total_steps(self) -> int:
+        return self.phases[-1].end
+
+    @property
+    def total_rows(self) -> int:
+        return self.phases[-1].row_start + self.phases[-1].rows
+
+    def phase_index(self, step: int) -> int:
+        """Index of the phase that holds `step` (the last phase for steps past the end)."""
+        starts = [p.start for p in self.phases]
+        return max(0, int(np.searchsorted(starts, step, side="right")) - 1)
+
+    def phase_at(self, step: int) -> PhasePlan:
+        return self.phases[self.phase_index(step)]
+
+    def rows_before(self, step: int) -> int:
+        """g_s: global rows trained before `step`; step s trains rows [g_s, g_s + B_s)."""
+        p = self.phase_at(step)
+        return p.row_start + (min(step, p.end) - p.start) * p.batch_size
+
+    def switches(self) -> list[dict]:
+        """Every change of mixture: phase starts (after the first), blend starts, upsampling starts."""
+        out = []
+        for p in self.phases:
+            if p.index > 0:
+                out.append(dict(step=p.start, kind="blend" if p.blend_steps else "phase", phase=p.name))
+            if p.upsample_start is not None:
+                out.append(dict(step=p.upsample_start, kind="upsample", phase=p.name))
+        return out
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> "Plan":
+        phases = []
+        for p in d["phases"]:
+            p = dict(p)
+            p["schedule"] = Segment(**p["schedule"])
+            for k in ("mixture", "replay_weights"):
+                p[k] = tuple(p[k])
+            if p.get("upsample_mixture") is not None:
+                p["upsample_mixture"] = tuple(p["upsample_mixture"])
+            phases.append(PhasePlan(**p))
+        return Plan(domains=tuple(d["domains"]), seq_len=d["seq_len"], seed=d["seed"],
+                    block_rows=d["block_rows"], phases=tuple(phases))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resolution.
+# ----------------------------------------------------------------------------------------------------------
+def _frac_steps(value: float, total: int, path: str) -> int:
+    """A length given as steps (>= 1) or as a fraction (< 1) of `total` steps."""
+    if value < 1:
+        return int(round(value * total))
+    if value != int(value):
+        raise ConfigError(path, value, "a length >= 1 is a whole number of steps", "use an integer or a fraction < 1")
+    return int(value)
+
+
+def _phase_steps(ph: PhaseConfig, cfg: Config, batch: int, path: str) -> int:
+    tokens_per_step = batch * cfg.data.seq_len
+    if ph.steps is not None:
+        return ph.steps
+    if ph.tokens is not None:
+        return math.ceil(ph.tokens / tokens_per_step)
+    assert cfg.budget is not None  # checked by Config.check
+    if cfg.budget.steps is not None:
+        steps = round(ph.percent / 100 * cfg.budget.steps)
+    else:
+        steps = math.ceil(ph.percent / 100 * cfg.budget.tokens / tokens_per_step)
+    if steps < 1:
+        raise ConfigError(f"{path}.percent", ph.percent, "resolves to 0 steps", "raise the percent or the budget")
+    return steps
+
+
+def _segment(s: ScheduleConfig, T: int, start: int, chain_head: Segment | None, path: str) -> Segment:
+    W = _frac_steps(s.warmup, T, f"{path}.warmup")
+    if s.kind == "power" and s.decay > 0 and s.end <= 0:
+        raise ConfigError(f"{path}.end", s.end, "the power schedule's exponential decay needs end > 0",
+                          "set end to e.g. 1e-5")
+    if s.kind == "infinite":
+        A = _frac_steps(s.anneal, T, f"{path}.anneal")
+        if chain_head is None:  # this phase starts the infinite run: warmup and cooldown happen here
+            C = _frac_steps(s.cooldown, T, f"{path}.cooldown")
+            seg = Segment(kind="infinite", peak=s.peak, end=s.end, warmup=W, shape=s.shape, const=s.const,
+                          cooldown=C, anneal=A, anneal_shape=s.anneal_shape, branch=s.branch, alpha=s.alpha,
+                          chain_start=start)
+        else:  # continues the run at const: no re-warm (the point of the infinite schedule)
+            seg = dataclasses.replace(chain_head, end=s.end, anneal=A, anneal_shape=s.anneal_shape,
+                                      branch=s.branch)
+        # The anneal must start after the warmup and cooldown are done.
+        ramp_end = seg.chain_start + seg.warmup + seg.cooldown
+        if A and start + T - A < ramp_end:
+            raise ConfigError(f"{path}.anneal", s.anneal, f"the anneal ({A} steps) starts before warmup+cooldown "
+                              f"end at step {ramp_end}", "shorten the anneal, warmup or cooldown")
+        if chain_head is None and W >= T:
+            raise ConfigError(f"{path}.warmup", s.warmup, f"warmup ({W} steps) must be shorter than the phase "
+                              f"({T} steps)", "shorten the warmup")
+        return seg
+    D = _frac_steps(s.decay, T, f"{path}.decay") if s.kind in ("wsd", "power") else 0
+    if W >= T and W > 0:
+        raise ConfigError(f"{path}.warmup", s.warmup, f"warmup ({W} steps) must be shorter than the phase "
+                          f"({T} steps)", "shorten the warmup or lengthen the phase")
+    if W + D > T:
+        raise ConfigError(f"{path}.decay", s.decay, f"warmup ({W}) + decay ({D}) steps exceed the phase ({T})",
+                          "shorten the warmup or the decay")
+    return Segment(kind=s.kind, peak=s.peak, end=s.end, warmup=W, decay=D, shape=s.shape, a=s.a, b=s.b,
+                   chain_start=start)
+
+
+def _weights(mix: tuple[tuple[str, float], ...], domains: tuple[str, ...]) -> tuple[float, ...]:
+    d = dict(mix)
+    return tuple(float(d.get(name, 0.0)) for name in domains)
+
+
+def resolve(cfg: Config, past: Plan | None = None, through_step: int = 0) -> Plan:
+    """Resolve `cfg` into a Plan. With `past`, phases of `past` that started before `through_step` are kept
+    exactly as they ran (the resolved plan is the authority on resume) and the rest are resolved after them."""
+    domains = cfg.domain_names()
+    kept = [p for p in past.phases if p.start < through_step] if past is not None else []
+    phases: list[PhasePlan] = list(kept)
+    step = kept[-1].end if kept else 0
+    row = kept[-1].row_start + kept[-1].rows if kept else 0
+    chain_head = None
+    if kept and kept[-1].schedule.kind == "infinite":
+        chain_head = kept[-1].schedule
+    for i, ph in enumerate(cfg.phases):
+        if i < len(kept):
+            continue
+        path = f"phases.{ph.name}"
+        batch = ph.batch_size or cfg.batch_size
+        T = _phase_steps(ph, cfg, batch, path)
+        seg = _segment(ph.schedule, T, step, chain_head if ph.schedule.kind == "infinite" else None,
+                       f"{path}.schedule")
+        chain_head = seg if seg.kind == "infinite" else None
+        up_start = up_mix = None
+        if ph.upsample is not None:
+            L = _frac_steps(ph.upsample.last, T, f"{path}.upsample.last")
+            if not 0 < L < T:
+                raise ConfigError(f"{path}.upsample.last", ph.upsample.last,
+                                  f"resolves to {L} of the phase's {T} steps", "use a window inside the phase")
+            up_start, up_mix = step + T - L, _weights(ph.upsample.mixture, domains)
+        if ph.blend_steps and i == 0:
+            raise ConfigError(f"{path}.blend_steps", ph.blend_steps, "the first phase has nothing to blend from",
+                              "set blend_steps=0 on the first phase")
+        if ph.blend_steps >= (up_start - step if up_start is not None else T):
+            raise ConfigError(f"{path}.blend_steps", ph.blend_steps, "the blend must end before the phase "
+                              "(and its upsampling window)", "shorten blend_steps")
+        if batch % cfg.optim.grad_accum:
+            raise ConfigError("optim.grad_accum", cfg.optim.grad_accum,
+                              f"does not divide {path}'s batch of {batch}", "choose a divisor of the batch size")
+        phases.append(PhasePlan(
+            name=ph.name, index=i, start=step, end=step + T, batch_size=batch, row_start=row,
+            mixture=_weights(ph.mixture, domains), schedule=seg, optimizer=ph.optimizer,
+            replay_share=ph.replay.share, replay_source=ph.replay.source,
+            replay_weights=_weights(ph.replay.weights, domains) if ph.replay.weights else (),
+            upsample_start=up_start, upsample_mixture=up_mix, blend_steps=ph.blend_steps))
+        step, row = step + T, row + T * batch
+    if kept and [p.name for p in kept] != [ph.name for ph in cfg.phases[:len(kept)]]:
+        raise ConfigError("phases", [ph.name for ph in cfg.phases], "the phases that already ran were renamed "
+                          f"or reordered (ran: {[p.name for p in kept]})", "keep past phases as they were")
+    plan = Plan(domains=domains, seq_len=cfg.data.seq_len, seed=cfg.seed, block_rows=cfg.data.block_rows,
+                phases=tuple(phases))
+    return resolve_replay_weights(plan)
