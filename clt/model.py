@@ -1,0 +1,262 @@
+"""Llama-family decoder in Flax NNX: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+Weights carry logical axis names (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`, `norm`); the
+mapping to mesh axes lives in `sharding.py`, so this file knows nothing about devices. Params are created
+with eager sharding off, so a `Transformer` can be built anywhere (tests, Hugging Face import on the host,
+`nnx.eval_shape` for abstract restore targets); `sharding.create_model` places it on a mesh.
+
+Names follow their dims: b batch, t query position, s key position, d d_model, n heads, k kv heads,
+h head_dim, f d_ff, v vocab. Attribute names mirror Hugging Face Llama (`q_proj`, `gate_proj`, ...), and RoPE
+rotates the two halves of each head (HF's `rotate_half` convention), so weights map across by reshaping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as flax_spmd
+
+from clt.config import ConfigError, ModelConfig
+
+# Dims a preset fixes; every entry can be overridden field by field from ModelConfig.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, rope_theta=10000.0, tie_embeddings=True),
+    "demo": dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=704, rope_theta=10000.0,
+                 tie_embeddings=True),
+    "125m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048, rope_theta=10000.0,
+                 tie_embeddings=True),
+    "1b": dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, rope_theta=500000.0,
+               tie_embeddings=True),  # Llama-3.2-1B
+    "7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008, rope_theta=10000.0,
+               tie_embeddings=False),  # Llama-2-7B
+    "8b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, rope_theta=500000.0,
+               tie_embeddings=False),  # Llama-3-8B
+}
+REMAT_POLICIES = ("none", "full", "dots")
+_REQUIRED = ("d_model", "n_layers", "n_heads", "d_ff")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Every dimension resolved: what the model is built from and what checkpoints record."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+
+
+def resolve_dims(cfg: ModelConfig, vocab_size: int) -> ModelDims:
+    """Preset values, overridden by cfg's explicit (non-zero, non-None) fields; vocab from cfg or the data."""
+    if cfg.preset and cfg.preset not in PRESETS:
+        raise ConfigError("model.preset", cfg.preset, "unknown preset",
+                          f"use one of {sorted(PRESETS)} or \"\" with explicit dims")
+    dims = dict(PRESETS.get(cfg.preset, {}))
+    for name in (*_REQUIRED, "n_kv_heads", "rope_theta"):
+        if getattr(cfg, name) != 0:
+            dims[name] = getattr(cfg, name)
+    if cfg.tie_embeddings is not None:  # False is an explicit choice, not "unset"
+        dims["tie_embeddings"] = cfg.tie_embeddings
+    missing = [n for n in _REQUIRED if n not in dims]
+    if missing:
+        raise ConfigError(f"model.{missing[0]}", 0, f"preset \"\" needs explicit dims, missing {missing}",
+                          "set them, e.g. model.d_model=256, or pick a preset")
+    dims.setdefault("n_kv_heads", dims["n_heads"])
+    dims.setdefault("rope_theta", 10000.0)
+    dims.setdefault("tie_embeddings", True)
+    vocab = cfg.vocab_size if cfg.vocab_size > 0 else vocab_size
+    for name, value in (("vocab_size", vocab), *((n, dims[n]) for n in (*_REQUIRED, "n_kv_heads", "rope_theta"))):
+        if value <= 0:
+            raise ConfigError(f"model.{name}", value, "must be positive", "give a positive size")
+    if dims["n_heads"] % dims["n_kv_heads"]:
+        raise ConfigError("model.n_kv_heads", dims["n_kv_heads"],
+                          f"n_heads={dims['n_heads']} is not a multiple of n_kv_heads={dims['n_kv_heads']}",
+                          "use a divisor of n_heads (n_kv_heads == n_heads is plain multi-head attention)")
+    if dims["d_model"] % dims["n_heads"]:
+        raise ConfigError("model.n_heads", dims["n_heads"],
+                          f"d_model={dims['d_model']} is not divisible by n_heads={dims['n_heads']}",
+                          "use a divisor of d_model")
+    if (dims["d_model"] // dims["n_heads"]) % 2:
+        raise ConfigError("model.n_heads", dims["n_heads"],
+                          f"head_dim = d_model/n_heads = {dims['d_model'] // dims['n_heads']} is odd; RoPE rotates pairs",
+                          "choose n_heads so that d_model/n_heads is even")
+    return ModelDims(vocab_size=int(vocab), head_dim=dims["d_model"] // dims["n_heads"],
+                     norm_eps=float(cfg.norm_eps), **{k: dims[k] for k in (*_REQUIRED, "n_kv_heads")},
+                     rope_theta=float(dims["rope_theta"]), tie_embeddings=bool(dims["tie_embeddings"]))
+
+
+def param_count(dims: ModelDims) -> int:
+    """Parameters from the shape formula (tested against the built model)."""
+    d, h = dims.d_model, dims.head_dim
+    attn = d * dims.n_heads * h * 2 + d * dims.n_kv_heads * h * 2  # q, o; k, v
+    layer = attn + 3 * d * dims.d_ff + 2 * d  # + gate, up, down; two norms
+    embeddings = dims.vocab_size * d * (1 if dims.tie_embeddings else 2)
+    return dims.n_layers * layer + embeddings + d  # + final norm
+
+
+def flops_per_token(dims: ModelDims, seq_len: int) -> float:
+    """Training FLOPs per token by the PaLM paper's appendix B: 6·N + 12·L·n_heads·head_dim·T.
+
+    N counts the matmul weights: every param but the norms and the embedding lookup (a gather); the output
+    projection counts once, tied or not. Attention is counted without the causal discount, as PaLM does, so
+    MFU numbers compare with the published ones.
+    """
+    n_matmul = param_count(dims) - dims.vocab_size * dims.d_model * (0 if dims.tie_embeddings else 1)
+    n_matmul -= (2 * dims.n_layers + 1) * dims.d_model  # norms
+    return 6.0 * n_matmul + 12.0 * dims.n_layers * dims.n_heads * dims.head_dim * seq_len
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers.
+# ----------------------------------------------------------------------------------------------------------
+def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str | None, ...], dtype) -> nnx.Param:
+    # eager_sharding=False: placement is create_model's job, so building the module needs no mesh context.
+    return nnx.Param(nnx.with_partitioning(init, names, eager_sharding=False)(rngs.params(), shape, dtype))
+
+
+def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Pin an activation's logical sharding when a mesh and rules are active (a no-op elsewhere).
+
+    Without it the compiler may follow the fsdp-sharded weights and split activations over d_model.
+    """
+    if jax.sharding.get_abstract_mesh().empty or not flax_spmd.get_logical_axis_rules():
+        return x
+    return jax.lax.with_sharding_constraint(x, flax_spmd.apply_rules(names, ()))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        x = x_btd.astype(jnp.float32)  # the mean square in bf16 loses too much
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def _rope(x_btnh: jax.Array, sin_th: jax.Array, cos_th: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+    sin, cos = sin_th[None, :, None, :], cos_th[None, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, dims: ModelDims, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, n, k, h = dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim
+        init, out_init = nnx.initializers.normal(0.02), nnx.initializers.normal(0.02 / math.sqrt(2 * dims.n_layers))
+        self.q_proj = _param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
+        self.k_proj = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.v_proj = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.o_proj = _param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x_btd, sin_th, cos_th, mask_b1ts):
+        dt = self.dtype
+        q_btnh = _rope(jnp.einsum("btd,dnh->btnh", x_btd, self.q_proj[...].astype(dt)), sin_th, cos_th)
+        k_btkh = _rope(jnp.einsum("btd,dkh->btkh", x_btd, self.k_proj[...].astype(dt)), sin_th, cos_th)
+        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_proj[...].astype(dt))
+        # GQA is native here: n heads attend to k = n/g shared key/value heads.
+        out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_b1ts, is_causal=True)
+        return jnp.einsum("btnh,nhd->btd", out_btnh, self.o_proj[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    def __init__(self, dims: ModelDims, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f = dims.d_model, dims.d_ff
+        init, out_init = nnx.initializers.normal(0.02), nnx.initializers.normal(0.02 / math.sqrt(2 * dims.n_layers))
+        self.gate_proj = _param(rngs, init, (d, f), ("embed", "mlp"), param_dtype)
+        self.up_proj = _param(rngs, init, (d, f), ("embed", "mlp"), param_dtype)
+        self.down_proj = _param(rngs, out_init, (f, d), ("mlp", "embed"), param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        dt = self.dtype
+        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.gate_proj[...].astype(dt))
+        up_btf = jnp.einsum("btd,df->btf", x_btd, self.up_proj[...].astype(dt))
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, self.down_proj[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, dims: ModelDims, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn_norm = RMSNorm(dims.d_model, dims.norm_eps, **kw)
+        self.attn = Attention(dims, **kw)
+        self.mlp_norm = RMSNorm(dims.d_model, dims.norm_eps, **kw)
+        self.mlp = MLP(dims, **kw)
+
+    def __call__(self, x_btd, sin_th, cos_th, mask_b1ts):
+        x_btd = x_btd + self.attn(self.attn_norm(x_btd), sin_th, cos_th, mask_b1ts)
+        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+        return _constrain(x_btd, ("batch", None, None))
+
+
+def _run_block(block: Block, x_btd, sin_th, cos_th, mask_b1ts):
+    return block(x_btd, sin_th, cos_th, mask_b1ts)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM: tokens (b, t) int -> logits (b, t, v) float32.
+
+    `dtype` is the compute dtype (params are cast at use, stored in `param_dtype`). `remat` recomputes each
+    block in the backward pass: "full" saves only the block inputs, "dots" also keeps the weight matmul
+    outputs. With `doc_mask`, a token attends only to earlier tokens of its own document; a document ends at
+    an `eos_id` token, inclusive. RoPE is relative, so no position reset is needed for documents to be exact.
+    """
+
+    def __init__(self, dims: ModelDims, *, dtype: jnp.dtype, param_dtype: jnp.dtype = jnp.float32,
+                 remat: str = "none", doc_mask: bool = False, eos_id: int = -1, rngs: nnx.Rngs):
+        if remat not in REMAT_POLICIES:
+            raise ConfigError("model.remat", remat, "unknown remat policy", f"use one of {REMAT_POLICIES}")
+        if doc_mask and not 0 <= eos_id < dims.vocab_size:
+            raise ConfigError("model.doc_mask", doc_mask, f"needs the tokenizer's EOS id, got eos_id={eos_id}",
+                              "pass eos_id, or set model.doc_mask=False")
+        self.dims, self.dtype, self.remat, self.doc_mask, self.eos_id = dims, dtype, remat, doc_mask, eos_id
+        d, v = dims.d_model, dims.vocab_size
+        self.embed = _param(rngs, nnx.initializers.normal(0.02), (v, d), ("vocab", "embed"), param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([Block(dims, **kw) for _ in range(dims.n_layers)])
+        self.final_norm = RMSNorm(d, dims.norm_eps, **kw)
+        if not dims.tie_embeddings:
+            self.unembed = _param(rngs, nnx.initializers.normal(0.02), (d, v), ("embed", "vocab"), param_dtype)
+
+    def __call__(self, tokens_bt: jax.Array) -> jax.Array:
+        dims, t = self.dims, tokens_bt.shape[1]
+        # Gather the table over fsdp first (as any FSDP layer does): a lookup into a table split on both
+        # dims has no efficient partitioning, and XLA would replicate the whole table instead.
+        embed_vd = _constrain(self.embed[...], ("vocab", None))
+        x_btd = _constrain(jnp.take(embed_vd, tokens_bt, axis=0).astype(self.dtype), ("batch", None, None))
+        inv_freq_h = dims.rope_theta ** (-jnp.arange(0, dims.head_dim // 2, dtype=jnp.float32) * 2 / dims.head_dim)
+        angle_th = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq_h[None, :]
+        sin_th, cos_th = jnp.sin(angle_th), jnp.cos(angle_th)
+        mask_b1ts = self._doc_mask(tokens_bt) if self.doc_mask else None
+
+        run = _run_block
+        if self.remat == "full":
+            run = nnx.remat(_run_block)
+        elif self.remat == "dots":
+            run = nnx.remat(_run_block, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
+        for block in self.layers:
+            x_btd = run(block, x_btd, sin_th, cos_th, mask_b1ts)
+
+        x_btd = self.final_norm(x_btd)
+        if dims.tie_embeddings:
+            return jnp.einsum("btd,vd->btv", x_btd, self.embed[...].astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", x_btd, self.unembed[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def _doc_mask(self, tokens_bt: jax.Array) -> jax.Array:
+        is_eos_bt = (tokens_bt == self.eos_id).astype(jnp.int32)
+        doc_bt = jnp.cumsum(is_eos_bt, axis=1) - is_eos_bt  # an EOS belongs to the document it ends
+        return (doc_bt[:, :, None] == doc_bt[:, None, :])[:, None]  # causality comes from is_causal
