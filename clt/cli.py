@@ -100,6 +100,67 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from clt import config, train
+
+    _setup_logging()
+    cfg = config.load(args.config, args.overrides)
+    try:
+        result = train.train(cfg, args.workdir, init_from=args.init_from,
+                             accept_changed_past=args.accept_changed_past, progress=not args.quiet)
+    except train.StopRun as e:
+        print(f"clt: run stopped: {e} (checkpoint saved in {args.workdir}/checkpoints)", file=sys.stderr)
+        return 1
+    if result.get("stopped") == "preempted":
+        print(f"preempted at step {result['final_step']}: resume with "
+              f"`clt train {args.config} --workdir {args.workdir}` (same overrides)")
+    else:
+        print(f"done: {result['final_step']} steps; metrics in {args.workdir}/metrics.jsonl, "
+              f"events in {args.workdir}/events.jsonl")
+    return 0
+
+
+def _setup_logging() -> None:
+    """clt's log lines on stderr; absl (imported by jax/orbax) owns the root logger, so clt gets its own."""
+    import logging
+
+    logger = logging.getLogger("clt")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def cmd_ckpt(args: argparse.Namespace) -> int:
+    import logging
+    import pathlib
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # read-only managers warn about being read-only
+
+    from clt import checkpoint, config, report
+
+    directory = pathlib.Path(args.workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise ConfigError("workdir", args.workdir, "has no checkpoints/ folder", "give the --workdir of a clt run")
+    store = checkpoint.CheckpointStore(directory, config.CheckpointConfig(), read_only=True)
+    if args.action == "ls":
+        rows = checkpoint.describe(store)
+        print(report.format_table(rows) if rows else f"no checkpoints in {directory}")
+    else:
+        steps = store.steps()
+        step = args.step if args.step is not None else (steps[-1] if steps else None)
+        if step not in steps:
+            raise ConfigError("step", step, f"no such checkpoint in {directory}", f"pick one of {steps}")
+        meta = store.meta(step)
+        plan = meta.pop("plan")
+        print(checkpoint.meta_json(meta))
+        print(f"plan: {len(plan['phases'])} phases, {plan['phases'][-1]['end']} steps (digest {meta.get('digest')})")
+    store.close()
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Parser.
 # ----------------------------------------------------------------------------------------------------------
@@ -136,6 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one document per file, or per blank-line-separated paragraph")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a config's phase plan (resumes from the workdir's checkpoints)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--init-from", help="weights of another clt run: ckpt:WORKDIR or ckpt:WORKDIR@STEP")
+    p.add_argument("--accept-changed-past", action="store_true",
+                   help="resume even though phases that already ran were edited")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ckpt", help="list or describe a run's checkpoints")
+    p.add_argument("action", choices=["ls", "info"])
+    p.add_argument("workdir")
+    p.add_argument("--step", type=int)
+    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_ckpt)
     return ap
 
 

@@ -1,0 +1,98 @@
+"""The input pipeline: the batch of any step as a pure function of (seed, plan, step), prefetched by grain.
+
+mixture.py says which slot (fresh domain, replayed domain, buffer) fills each row of a step and the row's
+draw index k within its domain's stream. Here the k-th draw of domain d becomes example perm_{d,e}(k mod N_d)
+with epoch e = k div N_d: grain's `index_shuffle` gives a fresh O(1)-memory permutation of the domain's N_d
+sequences each epoch. Nothing is stateful, so resuming at step s is just starting the range at s, and each
+host builds only its own slice of the rows.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Iterator, Mapping
+
+import grain
+import numpy as np
+
+from clt.data.shards import DomainData
+from clt.mixture import MixtureSchedule, slot_names
+from clt.plan import Plan
+
+_SHUFFLE_ROUNDS = 4
+
+
+def _epoch_seed(seed: int, domain: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, domain, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def example_index(seed: int, domain: int, k: int, n: int) -> int:
+    """The k-th draw of a domain of n sequences: a fresh permutation every epoch (k div n)."""
+    epoch, i = divmod(int(k), n)
+    return int(grain.experimental.index_shuffle(i, n - 1, _epoch_seed(seed, domain, epoch), _SHUFFLE_ROUNDS))
+
+
+class BatchSource:
+    """Builds the token rows of any step for one host (rows [h*B/H, (h+1)*B/H) of the step's batch)."""
+
+    def __init__(self, plan: Plan, data: Mapping[str, DomainData], *, buffer=None, host: int = 0,
+                 hosts: int = 1):
+        self.plan, self.mixture = plan, MixtureSchedule(plan)
+        self.shards = [data[d].train for d in plan.domains]
+        self.sizes = [s.num_sequences(plan.seq_len) for s in self.shards]
+        for d, n in zip(plan.domains, self.sizes):
+            if n < 1:
+                raise ValueError(f"domain {d!r} has fewer than seq_len + 1 = {plan.seq_len + 1} tokens; prepare "
+                                 "more text or lower data.seq_len")
+        self.buffer, self.host, self.hosts = buffer, host, hosts
+        self.names = slot_names(plan.domains)
+        for p in plan.phases:
+            if p.batch_size % hosts:
+                raise ValueError(f"phase {p.name}'s batch of {p.batch_size} does not split over {hosts} hosts")
+
+    def host_rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(slot, draw index) of this host's rows at `step`."""
+        slots, draws = self.mixture.rows_at(step)
+        per_host = len(slots) // self.hosts
+        sl = slice(self.host * per_host, (self.host + 1) * per_host)
+        return slots[sl], draws[sl]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """{"tokens": int32 [B/H, seq_len + 1], "slots": int32 [B/H]} of this host's rows at `step`."""
+        slots, draws = self.host_rows(step)
+        D, L = len(self.plan.domains), self.plan.seq_len
+        tokens = np.empty((len(slots), L + 1), np.int32)
+        for j, (slot, k) in enumerate(zip(slots, draws)):
+            if slot < 2 * D:
+                d = slot % D
+                idx = example_index(self.plan.seed, d, k, self.sizes[d])
+                tokens[j] = self.shards[d].sequences(np.array([idx]), L)[0]
+            else:
+                tokens[j] = self.buffer.sequence_for_draw(int(k), step)
+        return {"tokens": tokens, "slots": slots.astype(np.int32)}
+
+    def row_counts(self, steps: range) -> dict[str, int]:
+        """`rows/<domain>` (fresh) and `rows/replay/<domain>` (replayed) counts of this host's rows over `steps`
+        (recomputed from the mixture, so a resumed run logs exactly what an uninterrupted one does)."""
+        slots = np.concatenate([self.host_rows(s)[0] for s in steps])
+        counts = np.bincount(slots, minlength=len(self.names))
+        return {f"rows/{n}": int(c) for n, c in zip(self.names, counts) if c or not n.startswith("replay/")}
+
+
+def iterate(source: BatchSource, start: int, stop: int, prefetch: int) -> Iterator[tuple[int, dict]]:
+    """(step, host batch) for steps [start, stop), built ahead by grain's loader threads."""
+    ds = grain.MapDataset.range(start, stop).map(lambda s: (int(s), source.batch(int(s))))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch))
+    yield from it
+
+
+def device_prefetch(it: Iterator[tuple[int, dict]], put, depth: int = 2) -> Iterator[tuple[int, dict, object]]:
+    """(step, host batch, device batch) with `depth` batches already sent to the devices ahead of the step
+    (transfers are asynchronous, so they overlap the running step)."""
+    queue: collections.deque = collections.deque()
+    for step, batch in it:
+        queue.append((step, batch, put(batch)))
+        if len(queue) > depth:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

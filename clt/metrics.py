@@ -1,0 +1,80 @@
+"""`metrics.jsonl` and `events.jsonl`: append-only JSON lines, the source of truth of a run.
+
+Every logged or evaluated value is one JSON object with its `step` and `phase`; switches, alerts, resumes and
+checkpoints are events. Lines are flushed as written, so a crash loses at most the line being written, and
+readers skip a torn last line. TensorBoard is an optional extra sink.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any, Iterator
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep them visible as strings
+    return v
+
+
+class JsonlWriter:
+    def __init__(self, path: str | pathlib.Path):
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_jsonl(path: str | pathlib.Path) -> list[dict]:
+    """All complete rows of a JSONL file (a torn last line from a crash is skipped)."""
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | pathlib.Path) -> Iterator[dict]:
+    p = pathlib.Path(path)
+    if not p.exists():
+        return
+    with open(p) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def truncate_from(path: str | pathlib.Path, step: int) -> None:
+    """Drop rows with step >= `step`: on resume from a checkpoint of `step` updates, the resumed run writes
+    those rows again, so the file reads as one uninterrupted run."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        return
+    rows = [r for r in iter_jsonl(p) if r.get("step", -1) < step]
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(p)
+
+
+class TensorBoardSink:
+    """Scalars of every metrics row to <workdir>/tb (needs the optional tensorboardX package)."""
+
+    def __init__(self, logdir: str | pathlib.Path):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as e:
+            raise RuntimeError("log.tensorboard=True needs tensorboardX: pip install tensorboardX") from e
+        self._writer = SummaryWriter(str(logdir))
+
+    def write(self, row: dict) -> None:
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._writer.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self._writer.close()
