@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/clt plan show configs/demo.py --plot runs/demo-plan.png
 
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(BIN)/python -m pytest tests
 
 clean:
 	rm -rf runs data/demo

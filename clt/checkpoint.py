@@ -156,7 +156,7 @@ def check_resume_plan(cfg: Config, meta: dict, step: int, manifest: dict[str, st
     `accept_changed_past` (the CLI's --accept-changed-past) says the user means it."""
     if accept_changed_past:
         return resolve(cfg)
-    ran = Plan.from_json(meta["plan"])
+    ran = Plan.from_json(meta["plan"]).with_domains(cfg.domain_names())
     started = [p for p in ran.phases if p.start < step]
     if len(cfg.phases) < len(started):
         raise ConfigError("phases", [ph.name for ph in cfg.phases], f"phases that already ran were removed "
@@ -174,7 +174,7 @@ def check_resume_plan(cfg: Config, meta: dict, step: int, manifest: dict[str, st
     for old in started:
         for d in (d for d, w in zip(ran.domains, old.mixture) if w > 0):
             before = meta.get("data", {}).get(d)
-            if before is not None and manifest.get(d) != before:
+            if before is not None and d in manifest and manifest[d] != before:  # gone data is fine: it ran
                 raise ConfigError(f"data.domains.{d}", dict(cfg.data.domains).get(d),
                                   f"the data of domain {d!r} changed since phase {old.name!r} trained on it",
                                   "point a new domain name at the new data for future phases, or pass "

@@ -133,6 +133,14 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """report.md, stability.json and PNGs of a run, finished or in progress, from its workdir alone."""
+    from clt import report
+
+    print(report.write_report(args.workdir, out=args.out))
+    return 0
+
+
 def cmd_ckpt(args: argparse.Namespace) -> int:
     import logging
     import pathlib
@@ -158,6 +166,60 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
         print(checkpoint.meta_json(meta))
         print(f"plan: {len(plan['phases'])} phases, {plan['phases'][-1]['end']} steps (digest {meta.get('digest')})")
     store.close()
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """`clt replay export WORKDIR OUT` and `clt replay info PATH` (an exported buffer or a workdir)."""
+    import json
+    import logging
+    import pathlib
+    import shutil
+
+    from clt import checkpoint, config, plan, replay
+    from clt.data.shards import DomainData
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    path = pathlib.Path(args.path)
+    if args.action == "export" and not args.out:
+        raise ConfigError("OUT", None, "`clt replay export` needs a destination", "clt replay export WORKDIR OUT")
+    if args.action == "info" and (path / "index.json").exists():
+        snap = replay.BufferSnapshot(path)
+        print(f"replay buffer {path}: {snap.fill}/{snap.capacity} sequences of {snap.seq_len + 1} tokens, "
+              f"{snap.index['seen']} rows seen by step {snap.index['step']}")
+        total = max(snap.fill, 1)
+        for d, n in snap.composition().items():
+            print(f"  {d:<12} {n:>8}  {n / total:6.1%}")
+        return 0
+    if not (path / "plan.json").exists():
+        raise ConfigError("path", str(path), "neither a replay buffer (index.json) nor a clt workdir (plan.json)",
+                          "give an exported buffer folder or a run's --workdir")
+    saved = json.loads((path / "plan.json").read_text())
+    capacity = saved["config"]["replay_buffer"]["capacity"]
+    if not capacity:
+        print(f"{path}: this run keeps no replay buffer (replay_buffer.capacity = 0)")
+        return 0
+    run_plan = plan.Plan.from_json(saved["plan"])
+    store = checkpoint.CheckpointStore(path / "checkpoints", config.CheckpointConfig(), read_only=True)
+    step = store.latest_step()
+    store.close()
+    if step is None:
+        raise ConfigError("path", str(path), "has no checkpoint yet", "train first; the buffer follows the checkpoints")
+    data = {d: DomainData(p) for d, p in saved["config"]["data"]["domains"].items() if pathlib.Path(p).exists()}
+    buffer = replay.ReplayBuffer(path / "replay", run_plan, capacity, data)
+    snap = buffer.snapshot(step)
+    if args.action == "info":
+        print(f"{path}: buffer at step {step}: {snap.fill}/{capacity} sequences; composition {snap.composition()}; "
+              f"snapshots at steps {buffer.snapshot_steps()}")
+        return 0
+    out = pathlib.Path(args.out)
+    if out.exists():
+        raise ConfigError("OUT", str(out), "already exists", "choose a new folder")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(snap.path, tmp)
+    tmp.rename(out)
+    print(f"exported {snap.fill} sequences (step {step}) to {out}; use it with replay_buffer.load={str(out)!r}")
     return 0
 
 
@@ -208,12 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("report", help="write a run's report (report.md, stability.json, plots); prints its path")
+    p.add_argument("workdir")
+    p.add_argument("--out", help="folder for the report (default: WORKDIR/report)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("ckpt", help="list or describe a run's checkpoints")
     p.add_argument("action", choices=["ls", "info"])
     p.add_argument("workdir")
     p.add_argument("--step", type=int)
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_ckpt)
+
+    p = sub.add_parser("replay", help="export or inspect a run's persistent replay buffer")
+    p.add_argument("action", choices=["export", "info"])
+    p.add_argument("path", help="export: the run's workdir; info: a workdir or an exported buffer")
+    p.add_argument("out", nargs="?", help="export: the folder to write")
+    p.set_defaults(func=cmd_replay)
     return ap
 
 

@@ -511,6 +511,9 @@ class Config:
             if ph.replay.share > 0 and ph.replay.source == "mixture" and i == 0 and not ph.replay.weights:
                 raise ConfigError(f"{p}.replay", ph.replay.share, "the first phase has no earlier data to replay",
                                   "give replay.weights, use source='buffer' with replay_buffer.load, or set 0")
+            if ph.replay.share > 0 and ph.replay.source == "buffer" and i == 0 and not self.replay_buffer.load:
+                raise ConfigError(f"{p}.replay.source", "buffer", "the first phase has no buffer to replay from",
+                                  "set replay_buffer.load to an exported buffer, or replay from a later phase")
             if ph.replay.share > 0 and ph.replay.source == "buffer" and not (
                     self.replay_buffer.capacity or self.replay_buffer.load):
                 raise ConfigError(f"{p}.replay.source", "buffer", "no replay buffer is configured",

@@ -25,7 +25,8 @@ from clt.config import ConfigError, ModelConfig
 # Dims a preset fixes; every entry can be overridden field by field from ModelConfig.
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, rope_theta=10000.0, tie_embeddings=True),
-    "demo": dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=704, rope_theta=10000.0,
+    # ~1.6M params: about 0.25 s per 16 x 128 step on a 2-core CPU, so `make demo` fits in minutes.
+    "demo": dict(d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=512, rope_theta=10000.0,
                  tie_embeddings=True),
     "125m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048, rope_theta=10000.0,
                  tie_embeddings=True),

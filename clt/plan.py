@@ -136,6 +136,28 @@ class Plan:
         return Plan(domains=tuple(d["domains"]), seq_len=d["seq_len"], seed=d["seed"],
                     block_rows=d["block_rows"], phases=tuple(phases))
 
+    def with_domains(self, domains: tuple[str, ...]) -> "Plan":
+        """The same plan with weights re-indexed over `domains` (a later run may declare new domains); a
+        domain with weight that `domains` lacks is an error."""
+        if domains == self.domains:
+            return self
+        missing = [d for d in self.domains if d not in domains]
+
+        def remap(w: tuple[float, ...] | None, what: str, phase: str) -> tuple[float, ...] | None:
+            if w is None or not w:
+                return w
+            named = dict(zip(self.domains, w))
+            lost = [d for d in missing if named[d] > 0]
+            if lost:
+                raise ConfigError("data.domains", list(domains), f"phase {phase!r} ({what}) used {lost}, which are "
+                                  "no longer declared", "keep declaring them (their data may be deleted)")
+            return tuple(named.get(d, 0.0) for d in domains)
+
+        phases = tuple(dataclasses.replace(
+            p, mixture=remap(p.mixture, "mixture", p.name), replay_weights=remap(p.replay_weights, "replay", p.name),
+            upsample_mixture=remap(p.upsample_mixture, "upsample", p.name)) for p in self.phases)
+        return dataclasses.replace(self, domains=tuple(domains), phases=phases)
+
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -212,6 +234,7 @@ def resolve(cfg: Config, past: Plan | None = None, through_step: int = 0) -> Pla
     """Resolve `cfg` into a Plan. With `past`, phases of `past` that started before `through_step` are kept
     exactly as they ran (the resolved plan is the authority on resume) and the rest are resolved after them."""
     domains = cfg.domain_names()
+    past = past.with_domains(domains) if past is not None else None
     kept = [p for p in past.phases if p.start < through_step] if past is not None else []
     phases: list[PhasePlan] = list(kept)
     step = kept[-1].end if kept else 0

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from clt import checkpoint as ckpt_lib
-from clt import monitor, sharding
+from clt import monitor, replay, sharding
 from clt.config import Config, ConfigError, OptimConfig
 from clt.data.pipeline import BatchSource, device_prefetch, iterate
 from clt.data.shards import DomainData
@@ -119,12 +119,29 @@ def reset_optimizer(state: dict, tx: optax.GradientTransformation, state_sh: dic
 # Setup helpers.
 # ----------------------------------------------------------------------------------------------------------
 def load_domains(cfg: Config) -> dict[str, DomainData]:
-    data = {name: DomainData(path) for name, path in cfg.data.domains}
+    """The declared domains whose prepared data exists (a domain only past phases used may be deleted)."""
+    data = {name: DomainData(path) for name, path in cfg.data.domains if pathlib.Path(path).exists()}
+    if not data:
+        name, path = cfg.data.domains[0]
+        DomainData(path)  # raises the ShardError that says to run `clt prepare`
     tokenizers = {d.tokenizer for d in data.values()}
     if len(tokenizers) > 1:
         raise ConfigError("data.domains", dict(cfg.data.domains), f"domains use different tokenizers {tokenizers}",
                           "prepare every domain with the same --tokenizer")
     return data
+
+
+def check_data_needed(plan: Plan, data: dict[str, DomainData], start: int, cfg: Config) -> None:
+    """Every domain a phase from `start` on draws from (fresh, replay or upsampling) must have its data."""
+    paths = dict(cfg.data.domains)
+    for p in plan.phases:
+        if p.end <= start:
+            continue
+        weights = [p.mixture, p.replay_weights if p.replay_source == "mixture" else (), p.upsample_mixture or ()]
+        for w in weights:
+            for d, x in zip(plan.domains, w):
+                if x > 0 and d not in data:
+                    DomainData(paths[d])  # raises: no prepared domain at PATH, run `clt prepare`
 
 
 def model_dims(cfg: Config, data: dict[str, DomainData]) -> ModelDims:
@@ -148,7 +165,7 @@ def peak_flops() -> float | None:
 
 
 def data_manifest(cfg: Config, data: dict[str, DomainData]) -> dict[str, str]:
-    return {name: data[name].manifest_hash() for name, _ in cfg.data.domains}
+    return {name: data[name].manifest_hash() for name, _ in cfg.data.domains if name in data}
 
 
 class Preemption:
@@ -210,8 +227,32 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
         ckpt_lib.check_init_from(resume_meta, cfg.model.init_from)
         plan = ckpt_lib.check_resume_plan(cfg, resume_meta, latest, manifest, accept_changed_past)
     store.keep_phase_ends(tuple(p.end for p in plan.phases))
+    check_data_needed(plan, data, latest or 0, cfg)
     source = BatchSource(plan, data, host=jax.process_index(), hosts=jax.process_count())
-    eval_sets = load_eval_sets(data, plan.domains, plan.seq_len, cfg.data.eval_sequences, cfg.data.eval_batch)
+    eval_domains = tuple(d for d in plan.domains if d in data)
+    eval_sets = load_eval_sets(data, eval_domains, plan.seq_len, cfg.data.eval_sequences, cfg.data.eval_batch)
+
+    # Replay buffer: contents are a pure function of (seed, plan, step); tokens are materialised at phase
+    # boundaries into <workdir>/replay/step-<s>/ (see replay.py). A loaded buffer is the replay source instead.
+    buffer = replay.ReplayBuffer(wd / "replay", plan, cfg.replay_buffer.capacity, data) \
+        if cfg.replay_buffer.capacity else None
+    loaded = None
+    if cfg.replay_buffer.load:
+        loaded = replay.BufferSnapshot(cfg.replay_buffer.load)
+        some = next(iter(data.values()))
+        loaded.check_compatible(plan.seq_len, some.vocab_size, some.tokenizer)
+
+    def before_phase(p) -> None:
+        if buffer is not None and p.index > 0:
+            if is_main:
+                buffer.snapshot(p.start)  # materialise while the previous phase's data still exists
+            if jax.process_count() > 1:  # the other hosts open what process 0 wrote
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices(f"clt-replay-{p.start}")
+        if p.replay_share > 0 and p.replay_source == "buffer":
+            source.buffer = loaded if loaded is not None else buffer.snapshot(p.start)
+            log.info("phase %s replays %.0f%% from the buffer (%d sequences, %s)", p.name, 100 * p.replay_share,
+                     source.buffer.fill, source.buffer.composition())
     if is_main:
         (wd / "plan.json").write_text(json.dumps(dict(plan=plan.to_json(), digest=plan.digest(),
                                                       data=manifest, config=cfg.to_dict()), indent=1))
@@ -292,7 +333,7 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
     skipped_total = 0
     stop_reason = None
     with sharding.use_mesh(mesh), Preemption() as preempt:
-        batches = device_prefetch(iterate(source, start, total, cfg.data.prefetch), put)
+        batches = device_prefetch(iterate(source, start, total, cfg.data.prefetch, before_phase), put)
         for step, host_batch, batch in batches:
             p = plan.phase_at(step)
             if step == p.start and is_main:
@@ -372,6 +413,8 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
             store.save(done, state, meta=dict(meta, phase=plan.phase_at(max(done - 1, 0)).name))
         if is_main:
             events.write(dict(event="stopped", step=done, reason=stop_reason))
+    if buffer is not None and is_main and int(state["step"]) == total:
+        buffer.snapshot(total)  # the final buffer, ready for `clt replay export`
     store.wait()
     store.close()
     if pbar is not None:

@@ -26,9 +26,9 @@ def get_config():
 
     # Phases
     c.phases = (
-        dict(name="base", steps=500, mixture={"prose": 1.0},
+        dict(name="base", steps=400, mixture={"prose": 1.0},
              schedule=dict(kind="cosine", warmup=30, peak=3e-3, end=3e-4)),
-        dict(name="shift", steps=400, mixture={"code": 1.0}, replay="strong_shift_25pct",
+        dict(name="shift", steps=300, mixture={"code": 1.0}, replay="strong_shift_25pct",
              schedule=dict(preset="rewarm_cosine", warmup=20, peak=2e-3, end=2e-4), optimizer="keep"),
         dict(name="anneal", steps=100, mixture={"code": 1.0}, replay=0.25,
              schedule=dict(kind="linear", peak=2e-4, end=2e-5),

@@ -10,23 +10,25 @@ host builds only its own slice of the rows.
 from __future__ import annotations
 
 import collections
-from typing import Iterator, Mapping
+import zlib
+from typing import Callable, Iterator, Mapping
 
 import grain
 import numpy as np
 
 from clt.data.shards import DomainData
 from clt.mixture import MixtureSchedule, slot_names
-from clt.plan import Plan
+from clt.plan import PhasePlan, Plan
 
 _SHUFFLE_ROUNDS = 4
 
 
-def _epoch_seed(seed: int, domain: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, domain, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
+def _epoch_seed(seed: int, domain: str, epoch: int) -> int:
+    # Keyed by the domain's name, not its index: adding a domain later must not reshuffle the others.
+    return int(np.random.SeedSequence([seed, zlib.crc32(domain.encode()), epoch]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def example_index(seed: int, domain: int, k: int, n: int) -> int:
+def example_index(seed: int, domain: str, k: int, n: int) -> int:
     """The k-th draw of a domain of n sequences: a fresh permutation every epoch (k div n)."""
     epoch, i = divmod(int(k), n)
     return int(grain.experimental.index_shuffle(i, n - 1, _epoch_seed(seed, domain, epoch), _SHUFFLE_ROUNDS))
@@ -38,10 +40,11 @@ class BatchSource:
     def __init__(self, plan: Plan, data: Mapping[str, DomainData], *, buffer=None, host: int = 0,
                  hosts: int = 1):
         self.plan, self.mixture = plan, MixtureSchedule(plan)
-        self.shards = [data[d].train for d in plan.domains]
-        self.sizes = [s.num_sequences(plan.seq_len) for s in self.shards]
-        for d, n in zip(plan.domains, self.sizes):
-            if n < 1:
+        # Domains whose data is gone (only past phases used them) have no shard; the plan never draws them.
+        self.shards = [data[d].train if d in data else None for d in plan.domains]
+        self.sizes = [s.num_sequences(plan.seq_len) if s is not None else 0 for s in self.shards]
+        for d, n, shard in zip(plan.domains, self.sizes, self.shards):
+            if shard is not None and n < 1:
                 raise ValueError(f"domain {d!r} has fewer than seq_len + 1 = {plan.seq_len + 1} tokens; prepare "
                                  "more text or lower data.seq_len")
         self.buffer, self.host, self.hosts = buffer, host, hosts
@@ -62,13 +65,15 @@ class BatchSource:
         slots, draws = self.host_rows(step)
         D, L = len(self.plan.domains), self.plan.seq_len
         tokens = np.empty((len(slots), L + 1), np.int32)
-        for j, (slot, k) in enumerate(zip(slots, draws)):
-            if slot < 2 * D:
-                d = slot % D
-                idx = example_index(self.plan.seed, d, k, self.sizes[d])
-                tokens[j] = self.shards[d].sequences(np.array([idx]), L)[0]
-            else:
-                tokens[j] = self.buffer.sequence_for_draw(int(k), step)
+        from_buffer = slots == 2 * D
+        for j in np.flatnonzero(~from_buffer):
+            d = slots[j] % D
+            idx = example_index(self.plan.seed, self.plan.domains[d], draws[j], self.sizes[d])
+            tokens[j] = self.shards[d].sequences(np.array([idx]), L)[0]
+        if from_buffer.any():
+            if self.buffer is None:
+                raise RuntimeError(f"step {step} replays from the buffer, but no buffer snapshot is set")
+            tokens[from_buffer] = self.buffer.rows_for_draws(draws[from_buffer], self.plan.seed)
         return {"tokens": tokens, "slots": slots.astype(np.int32)}
 
     def row_counts(self, steps: range) -> dict[str, int]:
@@ -79,11 +84,18 @@ class BatchSource:
         return {f"rows/{n}": int(c) for n, c in zip(self.names, counts) if c or not n.startswith("replay/")}
 
 
-def iterate(source: BatchSource, start: int, stop: int, prefetch: int) -> Iterator[tuple[int, dict]]:
-    """(step, host batch) for steps [start, stop), built ahead by grain's loader threads."""
-    ds = grain.MapDataset.range(start, stop).map(lambda s: (int(s), source.batch(int(s))))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch))
-    yield from it
+def iterate(source: BatchSource, start: int, stop: int, prefetch: int,
+            before_phase: Callable[[PhasePlan], None] | None = None) -> Iterator[tuple[int, dict]]:
+    """(step, host batch) for steps [start, stop), built ahead by grain's loader threads, one phase at a time:
+    `before_phase(p)` runs before any batch of phase p is built (it sets the phase's replay-buffer snapshot)."""
+    for p in source.plan.phases:
+        lo, hi = max(start, p.start), min(stop, p.end)
+        if lo >= hi:
+            continue
+        if before_phase is not None:
+            before_phase(p)
+        ds = grain.MapDataset.range(lo, hi).map(lambda s: (int(s), source.batch(int(s))))
+        yield from ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch))
 
 
 def device_prefetch(it: Iterator[tuple[int, dict]], put, depth: int = 2) -> Iterator[tuple[int, dict, object]]:

@@ -1,0 +1,203 @@
+"""The persistent replay buffer: a reservoir over the fresh sequences a run trained on, kept on disk.
+
+Design. Algorithm R (Vitter) only needs to know *which* rows were trained, never the model, and the plan says
+which rows every step trains. So the reservoir's contents (each slot's domain and the row's draw index in
+that domain's stream) are a pure function of (seed, plan, step): `reservoir_at` recomputes them, and
+nothing about the buffer needs checkpointing. A kill between checkpoints cannot leave it ahead, and resume
+is exact by construction.
+
+Tokens are what must outlive the data: at every phase boundary (while that phase's data still exists) the
+reservoir is *materialised* into `<workdir>/replay/step-<s>/`: a memmap of its sequences plus the slot
+index, written atomically. An entry's tokens come from its domain's shards when they exist, else from the
+previous snapshot, so an old corpus may be deleted once a later phase has started. A phase that replays
+from the buffer (`replay=dict(share=r, source="buffer")`) samples the snapshot taken at its own start, i.e.
+the data of earlier phases; `replay_buffer.load` points a new run at an exported snapshot instead.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from clt.config import ConfigError
+from clt.data.pipeline import example_index
+from clt.data.shards import DomainData, staged_directory, token_dtype
+from clt.mixture import MixtureSchedule
+from clt.plan import Plan
+
+FORMAT = 1
+_FILES = ("tokens.bin", "domain.npy", "draw.npy", "index.json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reservoir: slot contents as a pure function of (seed, plan, step).
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Reservoir:
+    capacity: int
+    seen: int
+    """Fresh rows offered so far."""
+    domain: np.ndarray
+    """int32 [capacity]: domain index of each slot's row; -1 = empty."""
+    draw: np.ndarray
+    """int64 [capacity]: the row's draw index k in its domain's stream (example = perm_{d,e}(k mod N_d))."""
+
+    @staticmethod
+    def empty(capacity: int) -> "Reservoir":
+        return Reservoir(capacity, 0, np.full(capacity, -1, np.int32), np.zeros(capacity, np.int64))
+
+    @property
+    def fill(self) -> int:
+        return min(self.seen, self.capacity)
+
+    def offer(self, domains: np.ndarray, draws: np.ndarray, u: np.ndarray) -> None:
+        """Algorithm R over rows in order: row n (0-based) fills slot n while the buffer is not full, then
+        replaces slot j = floor(u x (n + 1)) when j < capacity, so each row seen is kept with probability
+        capacity / rows seen."""
+        for d, k, x in zip(domains, draws, u):
+            n = self.seen
+            j = n if n < self.capacity else int(x * (n + 1))
+            if j < self.capacity:
+                self.domain[j], self.draw[j] = d, k
+            self.seen += 1
+
+
+def _step_uniforms(seed: int, step: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, 0x5E5E, step]).random(n)
+
+
+def reservoir_at(plan: Plan, capacity: int, step: int, start: tuple[int, Reservoir] | None = None,
+                 mixture: MixtureSchedule | None = None) -> Reservoir:
+    """The reservoir after `step` updates (fresh rows of steps [0, step)), continuing from `start`
+    = (step0, reservoir after step0 updates) when given."""
+    mixture = mixture or MixtureSchedule(plan)
+    s0, res = start if start is not None else (0, Reservoir.empty(capacity))
+    res = Reservoir(res.capacity, res.seen, res.domain.copy(), res.draw.copy())
+    D = len(plan.domains)
+    for s in range(s0, step):
+        slots, draws = mixture.rows_at(s)
+        fresh = slots < D  # replayed rows are never offered: the buffer holds what was learned fresh
+        res.offer(slots[fresh], draws[fresh], _step_uniforms(plan.seed, s, int(fresh.sum())))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Snapshots: a materialised reservoir on disk (also the export format).
+# ----------------------------------------------------------------------------------------------------------
+class BufferSnapshot:
+    """A reservoir's sequences on disk: `tokens.bin` [fill, seq_len + 1] memmap, slot domains and draws."""
+
+    def __init__(self, path: str | pathlib.Path):
+        self.path = pathlib.Path(path)
+        index_file = self.path / "index.json"
+        if not index_file.is_file():
+            raise ConfigError("replay_buffer.load", str(self.path), "not a replay buffer (no index.json)",
+                              "give a folder written by `clt replay export`")
+        self.index = json.loads(index_file.read_text())
+        if self.index.get("format") != FORMAT:
+            raise ConfigError("replay_buffer.load", str(self.path), f"buffer format {self.index.get('format')}",
+                              f"re-export it with this clt (format {FORMAT})")
+        self.fill, self.seq_len = int(self.index["fill"]), int(self.index["seq_len"])
+        self.domains: list[str] = list(self.index["domains"])
+        self.domain = np.load(self.path / "domain.npy")
+        self.draw = np.load(self.path / "draw.npy")
+        dtype = np.dtype(self.index["dtype"])
+        self.tokens = np.memmap(self.path / "tokens.bin", dtype=dtype, mode="r", shape=(self.fill, self.seq_len + 1))
+
+    @property
+    def capacity(self) -> int:
+        return int(self.index["capacity"])
+
+    def composition(self) -> dict[str, int]:
+        counts = np.bincount(self.domain, minlength=len(self.domains))
+        return {d: int(c) for d, c in zip(self.domains, counts)}
+
+    def rows_for_draws(self, draws: np.ndarray, seed: int) -> np.ndarray:
+        """Tokens for buffer draws k: entry hash(seed, k) mod fill, uniform over the buffer."""
+        if self.fill == 0:
+            raise ValueError(f"the replay buffer at {self.path} is empty")
+        picks = [int(np.random.default_rng([seed, 0xB0FF, int(k)]).integers(self.fill)) for k in draws]
+        return np.asarray(self.tokens[np.asarray(picks, np.int64)], np.int32)
+
+    def lookup(self) -> dict[tuple[str, int], int]:
+        """(domain name, draw) -> row, to carry entries whose data is gone into the next snapshot."""
+        return {(self.domains[int(d)], int(k)): i for i, (d, k) in enumerate(zip(self.domain, self.draw))}
+
+    def check_compatible(self, seq_len: int, vocab_size: int, tokenizer: str) -> None:
+        """A loaded buffer must match the run: same sequence length and tokenizer."""
+        if self.seq_len != seq_len:
+            raise ConfigError("replay_buffer.load", str(self.path), f"buffer sequences have seq_len {self.seq_len}, "
+                              f"the run uses {seq_len}", "set data.seq_len to match, or export a matching buffer")
+        if self.index["vocab_size"] != vocab_size or self.index["tokenizer"] != tokenizer:
+            raise ConfigError("replay_buffer.load", str(self.path),
+                              f"buffer tokenizer {self.index['tokenizer']!r} (vocab {self.index['vocab_size']}) "
+                              f"differs from the run's {tokenizer!r} (vocab {vocab_size})",
+                              "replay needs the same tokenizer; prepare the data with the buffer's tokenizer")
+
+
+def materialise(res: Reservoir, plan: Plan, step: int, data: Mapping[str, DomainData],
+                previous: BufferSnapshot | None, out: str | pathlib.Path) -> BufferSnapshot:
+    """Write the reservoir's sequences to `out` (atomically). Entries come from their domain's shards when the
+    data is present, else from `previous` (the snapshot they were carried in)."""
+    fill, L = res.fill, plan.seq_len
+    domains = list(plan.domains)
+    present = {i: data[d] for i, d in enumerate(domains) if d in data}
+    some = next(iter(data.values()))
+    vocab, tokenizer = some.vocab_size, some.tokenizer
+    carried = previous.lookup() if previous is not None else {}
+    dtype = token_dtype(vocab)
+    with staged_directory(out, replaceable=_FILES) as tmp:
+        tokens = np.memmap(tmp / "tokens.bin", dtype=dtype, mode="w+", shape=(max(fill, 1), L + 1))
+        for i in range(fill):
+            d, k = int(res.domain[i]), int(res.draw[i])
+            if d in present:
+                shard = present[d].train
+                idx = example_index(plan.seed, domains[d], k, shard.num_sequences(L))
+                tokens[i] = shard.sequences(np.array([idx]), L)[0]
+            elif (domains[d], k) in carried:
+                tokens[i] = previous.tokens[carried[(domains[d], k)]]
+            else:
+                raise ConfigError(f"data.domains.{domains[d]}", None, "its data is gone and the replay buffer "
+                                  "holds rows of it that no earlier snapshot materialised",
+                                  "restore the domain's prepared data until the buffer has been materialised")
+        tokens.flush()
+        del tokens
+        np.save(tmp / "domain.npy", res.domain[:fill])
+        np.save(tmp / "draw.npy", res.draw[:fill])
+        (tmp / "index.json").write_text(json.dumps(dict(
+            format=FORMAT, step=step, capacity=res.capacity, seen=res.seen, fill=fill, seq_len=L,
+            dtype=str(np.dtype(dtype)), vocab_size=vocab, tokenizer=tokenizer, domains=domains, seed=plan.seed,
+            plan_digest=plan.digest()), indent=1))
+    return BufferSnapshot(out)
+
+
+class ReplayBuffer:
+    """A run's buffer: snapshots under `<workdir>/replay/step-<s>/`, recomputed from the plan when missing."""
+
+    def __init__(self, root: str | pathlib.Path, plan: Plan, capacity: int, data: Mapping[str, DomainData]):
+        self.root, self.plan, self.capacity, self.data = pathlib.Path(root), plan, capacity, data
+        self.mixture = MixtureSchedule(plan)
+
+    def snapshot_steps(self) -> list[int]:
+        return sorted(int(p.name.split("-")[1]) for p in self.root.glob("step-*") if (p / "index.json").exists())
+
+    def snapshot(self, step: int) -> BufferSnapshot:
+        """The buffer after `step` updates, materialised on first use."""
+        path = self.root / f"step-{step}"
+        if (path / "index.json").exists():
+            return BufferSnapshot(path)
+        earlier = [s for s in self.snapshot_steps() if s < step]
+        previous = BufferSnapshot(self.root / f"step-{earlier[-1]}") if earlier else None
+        start = None
+        if previous is not None:
+            res0 = Reservoir(self.capacity, int(previous.index["seen"]), np.full(self.capacity, -1, np.int32),
+                             np.zeros(self.capacity, np.int64))
+            index_now = np.array([self.plan.domains.index(d) for d in previous.domains], np.int32)
+            res0.domain[:previous.fill], res0.draw[:previous.fill] = index_now[previous.domain], previous.draw
+            start = (earlier[-1], res0)
+        res = reservoir_at(self.plan, self.capacity, step, start, self.mixture)
+        return materialise(res, self.plan, step, self.data, previous, path)
