@@ -73,3 +73,90 @@ def evaluate(eval_step: Callable, params, sets: Mapping[str, EvalSet], eval_batc
         out[f"eval/{d}/loss"] = loss
         out[f"eval/{d}/bpb"] = loss / math.log(2) / es.bytes_per_token
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# User tasks: multiple-choice accuracy (the stability gap was first measured on downstream accuracy).
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChoiceTask:
+    """A JSONL file of {"context": str, "choices": [str, ...], "answer": int}, one item per line. Each
+    (item, choice) is one row: context then choice, scored by the choice tokens' summed log-probability."""
+
+    name: str
+    tokens: np.ndarray
+    """int32 [rows, seq_len + 1], left-truncated context + choice, right-padded."""
+    mask: np.ndarray
+    """float32 [rows, seq_len]: 1 on the positions that predict a choice token."""
+    item: np.ndarray
+    """int [rows]: the item of each row (-1 for padding rows)."""
+    answers: np.ndarray
+    choice_bytes: np.ndarray
+    """UTF-8 bytes of each row's choice, for the length-normalised accuracy."""
+
+
+def load_choice_task(path: str, tokenizer, seq_len: int, eval_batch: int) -> ChoiceTask:
+    """Read and tokenise a multiple-choice JSONL file; bad lines are errors naming the line."""
+    import json
+    import pathlib
+
+    from clt.config import ConfigError
+
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError("monitor.tasks", path, "no such task file", "give a JSONL of context/choices/answer items")
+    rows, masks, items, answers, nbytes = [], [], [], [], []
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            context, choices, answer = obj["context"], list(obj["choices"]), int(obj["answer"])
+            assert 0 <= answer < len(choices) and len(choices) >= 2
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise ConfigError("monitor.tasks", f"{path}:{n}", "not a multiple-choice item",
+                              'each line is {"context": "...", "choices": ["a", "b"], "answer": 0}') from None
+        ctx = np.asarray(tokenizer.encode(context), np.int64)
+        for choice in choices:
+            ch = np.asarray(tokenizer.encode(choice), np.int64)[: seq_len]
+            seq = np.concatenate([ctx, ch])[-(seq_len + 1):]
+            row = np.zeros(seq_len + 1, np.int32)
+            row[: len(seq)] = seq
+            mask = np.zeros(seq_len, np.float32)
+            mask[len(seq) - len(ch) - 1: len(seq) - 1] = 1  # positions whose next token is a choice token
+            rows.append(row), masks.append(mask), items.append(len(answers)), nbytes.append(len(choice.encode()))
+        answers.append(answer)
+    if not answers:
+        raise ConfigError("monitor.tasks", path, "the task file has no items", "add JSONL lines")
+    pad = -len(rows) % eval_batch
+    rows += [np.zeros(seq_len + 1, np.int32)] * pad
+    masks += [np.zeros(seq_len, np.float32)] * pad
+    items += [-1] * pad
+    nbytes += [1] * pad
+    return ChoiceTask(file.stem, np.stack(rows), np.stack(masks), np.asarray(items), np.asarray(answers),
+                      np.asarray(nbytes, np.float64))
+
+
+def make_score_step(graphdef: nnx.GraphDef) -> Callable:
+    """jit(params, tokens, mask) -> summed log-probability of the masked next tokens, per row."""
+
+    def step(params, tokens, mask):
+        nll, _ = token_nll(nnx.merge(graphdef, params)(tokens[:, :-1]), tokens[:, 1:])
+        return -(nll * mask).sum(axis=-1)
+
+    return jax.jit(step)
+
+
+def evaluate_task(score_step: Callable, params, task: ChoiceTask, eval_batch: int,
+                  put: Callable[[np.ndarray], jax.Array]) -> dict[str, float]:
+    """`eval/task/<name>/acc` (highest summed log-prob) and `acc_norm` (per byte of the choice)."""
+    scores = np.concatenate([np.asarray(score_step(params, put(task.tokens[i:i + eval_batch]),
+                                                   put(task.mask[i:i + eval_batch])))
+                             for i in range(0, len(task.tokens), eval_batch)])
+    acc = acc_norm = 0
+    for i, answer in enumerate(task.answers):
+        rows = np.flatnonzero(task.item == i)
+        acc += int(np.argmax(scores[rows]) == answer)
+        acc_norm += int(np.argmax(scores[rows] / task.choice_bytes[rows]) == answer)
+    n = len(task.answers)
+    return {f"eval/task/{task.name}/acc": acc / n, f"eval/task/{task.name}/acc_norm": acc_norm / n}

@@ -29,7 +29,9 @@ from clt import monitor, replay, sharding
 from clt.config import Config, ConfigError, OptimConfig
 from clt.data.pipeline import BatchSource, device_prefetch, iterate
 from clt.data.shards import DomainData
-from clt.evaluate import evaluate, load_eval_sets, make_eval_step
+from clt.data.tokenizer import load_tokenizer
+from clt.evaluate import (evaluate, evaluate_task, load_choice_task, load_eval_sets, make_eval_step,
+                          make_score_step)
 from clt.loss import token_nll
 from clt.metrics import JsonlWriter, TensorBoardSink, truncate_from
 from clt.model import ModelDims, flops_per_token, param_count, resolve_dims
@@ -294,10 +296,14 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
     # ---------------------------------------------------------------------------------------------- Update step and evals
     step_fn = compile_step(graphdef, tx, plan, cfg.optim, state_sh, batch_sh, repl)
     eval_fn = make_eval_step(graphdef)
+    tokenizer = load_tokenizer(next(iter(data.values())).tokenizer)
+    tasks = [load_choice_task(t, tokenizer, plan.seq_len, cfg.data.eval_batch) for t in cfg.monitor.tasks]
+    score_fn = make_score_step(graphdef) if tasks else None
     eval_at = set(monitor.eval_steps(plan, cfg.monitor))
     put = lambda batch: jax.make_array_from_process_local_data(batch_sh, batch["tokens"])  # noqa: E731
-    put_eval = lambda x: jax.make_array_from_process_local_data(  # noqa: E731
-        sharding.batch_sharding(mesh) if x.ndim == 2 else jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp"))), x)
+    # Every host holds the whole eval set, so eval arrays are put as global values (not per-host slices).
+    rows_sh = jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp")))
+    put_eval = lambda x: jax.device_put(x, batch_sh if x.ndim == 2 else rows_sh)  # noqa: E731
     fpt = flops_per_token(dims, plan.seq_len)
     peak = peak_flops()
     metrics_out = JsonlWriter(wd / "metrics.jsonl") if is_main else None
@@ -312,6 +318,8 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
     def run_eval(step: int) -> dict:
         row = dict(step=step, phase=plan.phase_at(min(step, plan.total_steps - 1)).name,
                    **evaluate(eval_fn, state["params"], eval_sets, cfg.data.eval_batch, put_eval))
+        for task in tasks:
+            row.update(evaluate_task(score_fn, state["params"], task, cfg.data.eval_batch, put_eval))
         write(row)
         for event in gap_monitor.update(row):
             if is_main:
