@@ -66,6 +66,15 @@ class Reservoir:
             self.seen += 1
 
 
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """A fast, well-mixed 64-bit hash (SplitMix64's finaliser), vectorised: buffer picks per draw index."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
 def _step_uniforms(seed: int, step: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, 0x5E5E, step]).random(n)
 
@@ -120,8 +129,8 @@ class BufferSnapshot:
         """Tokens for buffer draws k: entry hash(seed, k) mod fill, uniform over the buffer."""
         if self.fill == 0:
             raise ValueError(f"the replay buffer at {self.path} is empty")
-        picks = [int(np.random.default_rng([seed, 0xB0FF, int(k)]).integers(self.fill)) for k in draws]
-        return np.asarray(self.tokens[np.asarray(picks, np.int64)], np.int32)
+        picks = splitmix64(np.asarray(draws, np.uint64) ^ splitmix64(np.uint64(seed) + np.uint64(0xB0FF)))
+        return np.asarray(self.tokens[(picks % np.uint64(self.fill)).astype(np.int64)], np.int32)
 
     def lookup(self) -> dict[tuple[str, int], int]:
         """(domain name, draw) -> row, to carry entries whose data is gone into the next snapshot."""

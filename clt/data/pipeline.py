@@ -10,6 +10,7 @@ host builds only its own slice of the rows.
 from __future__ import annotations
 
 import collections
+import functools
 import zlib
 from typing import Callable, Iterator, Mapping
 
@@ -23,6 +24,7 @@ from clt.plan import PhasePlan, Plan
 _SHUFFLE_ROUNDS = 4
 
 
+@functools.lru_cache(maxsize=4096)
 def _epoch_seed(seed: int, domain: str, epoch: int) -> int:
     # Keyed by the domain's name, not its index: adding a domain later must not reshuffle the others.
     return int(np.random.SeedSequence([seed, zlib.crc32(domain.encode()), epoch]).generate_state(1)[0] & 0x7FFFFFFF)
@@ -66,10 +68,12 @@ class BatchSource:
         D, L = len(self.plan.domains), self.plan.seq_len
         tokens = np.empty((len(slots), L + 1), np.int32)
         from_buffer = slots == 2 * D
-        for j in np.flatnonzero(~from_buffer):
-            d = slots[j] % D
-            idx = example_index(self.plan.seed, self.plan.domains[d], draws[j], self.sizes[d])
-            tokens[j] = self.shards[d].sequences(np.array([idx]), L)[0]
+        domain_of = np.where(from_buffer, -1, slots % D)
+        for d in np.unique(domain_of[~from_buffer]):  # one gather per domain: fresh and replayed rows alike
+            rows = np.flatnonzero(domain_of == d)
+            name, n = self.plan.domains[d], self.sizes[d]
+            idx = np.array([example_index(self.plan.seed, name, k, n) for k in draws[rows]])
+            tokens[rows] = self.shards[d].sequences(idx, L)
         if from_buffer.any():
             if self.buffer is None:
                 raise RuntimeError(f"step {step} replays from the buffer, but no buffer snapshot is set")
