@@ -14,9 +14,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Prepare the demo data, show the plan, train it (resuming if runs/demo has checkpoints), write the report.
 demo: $(STAMP)
-	$(BIN)/clt prepare demo --out data/demo
-	$(BIN)/clt plan show configs/demo.py --plot runs/demo-plan.png
+	$(BIN)/clt prepare demo --out data/demo --quiet
+	$(BIN)/clt plan show configs/demo.py
+	$(BIN)/clt train configs/demo.py --workdir runs/demo
+	$(BIN)/clt report runs/demo
+	@echo "metrics: runs/demo/metrics.jsonl   events: runs/demo/events.jsonl   report: runs/demo/report/report.md"
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(BIN)/python -m pytest tests

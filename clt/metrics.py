@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def _clean(v: Any) -> Any:
@@ -49,13 +49,13 @@ def iter_jsonl(path: str | pathlib.Path) -> Iterator[dict]:
                 continue
 
 
-def truncate_from(path: str | pathlib.Path, step: int) -> None:
-    """Drop rows with step >= `step`: on resume from a checkpoint of `step` updates, the resumed run writes
-    those rows again, so the file reads as one uninterrupted run."""
+def truncate_from(path: str | pathlib.Path, step: int, keep: Callable[[dict], bool] | None = None) -> None:
+    """Drop rows with step >= `step` unless `keep(row)`: on resume from a checkpoint of `step` updates, the
+    resumed run writes those rows again, so the file reads as one uninterrupted run."""
     p = pathlib.Path(path)
     if not p.exists():
         return
-    rows = [r for r in iter_jsonl(p) if r.get("step", -1) < step]
+    rows = [r for r in iter_jsonl(p) if r.get("step", -1) < step or (keep is not None and keep(r))]
     tmp = p.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(p)

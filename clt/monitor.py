@@ -113,6 +113,12 @@ class GapMonitor:
         self._sent.add(key)
         return True
 
+    def catch_up(self, rows: list[dict]) -> None:
+        """Feed the eval rows of the run before a resume, marking what they triggered as already sent."""
+        for row in rows:
+            if any(k.startswith("eval/") for k in row):
+                self.update(row)
+
     def update(self, row: dict) -> list[dict]:
         self.rows.append(row)
         step, cfg, out = row["step"], self.cfg, []
@@ -135,13 +141,16 @@ class GapMonitor:
                 out.append(dict(base, event="alert", alert="gap", value=rise,
                                 message=f"stability gap {rise:.3f} > {cfg.gap_alert} on {where}"))
             late = step - e["switch_step"] >= cfg.recovery_deadline
+            # recovery_steps is set once the loss came back, even if it rose again later: that met the deadline
             if cfg.recovery_deadline and late and rise is not None and e["gap"] is not None \
-                    and e["gap"] > cfg.recovery_tol and rise > cfg.recovery_tol and step <= e["end_step"] \
+                    and e["recovery_steps"] is None and rise > cfg.recovery_tol and step <= e["end_step"] \
                     and self._once(key + ("deadline",)):
                 out.append(dict(base, event="alert", alert="recovery", value=step - e["switch_step"],
                                 message=f"no recovery within {cfg.recovery_deadline} steps on {where}"))
             fell = e["weight_after"] < e["weight_before"] - 1e-9
-            if cfg.forgetting_alert and fell and rise is not None and step > e["window_end"] \
+            # after the window (a rise there is the gap), or at the phase end even when the window reaches it
+            after_gap = step > e["window_end"] or step == e["end_step"]
+            if cfg.forgetting_alert and fell and rise is not None and after_gap \
                     and step <= e["end_step"] and rise > cfg.forgetting_alert and self._once(key + ("forget",)):
                 out.append(dict(base, event="alert", alert="forgetting", value=rise,
                                 message=f"forgetting {rise:.3f} > {cfg.forgetting_alert} on {where}"))

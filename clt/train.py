@@ -33,7 +33,7 @@ from clt.data.tokenizer import load_tokenizer
 from clt.evaluate import (evaluate, evaluate_task, load_choice_task, load_eval_sets, make_eval_step,
                           make_score_step)
 from clt.loss import token_nll
-from clt.metrics import JsonlWriter, TensorBoardSink, truncate_from
+from clt.metrics import JsonlWriter, TensorBoardSink, read_jsonl, truncate_from
 from clt.model import ModelDims, flops_per_token, param_count, resolve_dims
 from clt.optim import make_optimizer, with_lr
 from clt.plan import Plan, resolve
@@ -190,6 +190,12 @@ class Preemption:
             signal.signal(sig, old)
 
 
+def _history_event(resumed: int, event: dict) -> bool:
+    """Events a resume must keep: the run's own history, and the checkpoint it resumed from (not redone)."""
+    return event.get("event") in ("preempted", "resume", "stopped", "init_from") or (
+        event.get("event") == "checkpoint" and event.get("step") == resumed)
+
+
 def _log_line(step: int, total: int, phase: str, row: dict) -> str:
     s = f"step {step:>6}/{total} | {phase:<10} | loss {row['loss']:.4f} | lr {row['lr']:.2e}"
     if "tokens_per_s" in row:
@@ -276,14 +282,16 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
     # ---------------------------------------------------------------------------------------------- Load a checkpoint
     # Priority: 1. resume this workdir's latest checkpoint; 2. init_from weights with a fresh optimizer at
     # step 0; 3. fresh initialisation from the seed.
-    events = JsonlWriter(wd / "events.jsonl") if is_main else None
     if latest is not None:
         latest, state = store.restore_latest(abstract_state, state_sh)
         log.info("resumed from step %d", latest)
-        if is_main:
+        if is_main:  # rows past the restored step are written again by this run (before the files reopen)
             truncate_from(wd / "metrics.jsonl", latest)
-            events.write(dict(event="resume", step=latest, time=time.time()))
-    else:
+            truncate_from(wd / "events.jsonl", latest, keep=functools.partial(_history_event, latest))
+    events = JsonlWriter(wd / "events.jsonl") if is_main else None
+    if latest is not None and is_main:
+        events.write(dict(event="resume", step=latest, time=time.time()))
+    if latest is None:
         if cfg.model.init_from:
             params = ckpt_lib.load_init_weights(cfg.model.init_from, abstract_state["params"], state_sh["params"],
                                                 cfg.checkpoint)
@@ -309,6 +317,8 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
     metrics_out = JsonlWriter(wd / "metrics.jsonl") if is_main else None
     sinks = [metrics_out] + ([TensorBoardSink(wd / "tb")] if cfg.log.tensorboard and is_main else [])
     gap_monitor = monitor.GapMonitor(plan, cfg.monitor)
+    if start > 0:  # the switches before the resume keep their baselines and their already-sent events
+        gap_monitor.catch_up(read_jsonl(wd / "metrics.jsonl"))
 
     def write(row: dict) -> None:
         if is_main:

@@ -39,8 +39,15 @@ def comparable_metrics(wd):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(wd / "metrics.jsonl")]
 
 
+def comparable_events(wd):
+    """Events of the run itself: what a resume adds (resume/preempted records, times) left out."""
+    return [{k: v for k, v in e.items() if k != "time"} for e in read_jsonl(wd / "events.jsonl")
+            if e["event"] not in ("resume", "preempted")]
+
+
 def assert_same_run(a, b):
     assert comparable_metrics(a) == comparable_metrics(b)
+    assert comparable_events(a) == comparable_events(b)  # stability events too: none lost, none repeated
     for x, y in zip(final_arrays(a), final_arrays(b), strict=True):
         assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
 

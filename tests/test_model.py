@@ -150,7 +150,7 @@ def test_remat_gives_the_same_loss_and_grads(remat, no_remat_loss_and_grads):
 # ----------------------------------------------------------------------------------------------------------
 def test_resolve_dims_explicit_fields_override_the_preset():
     dims = resolve_dims(ModelConfig(preset="demo", n_layers=2, tie_embeddings=False, vocab_size=300), 257)
-    assert (dims.d_model, dims.n_layers, dims.n_heads, dims.n_kv_heads, dims.head_dim) == (256, 2, 8, 4, 32)
+    assert (dims.d_model, dims.n_layers, dims.n_heads, dims.n_kv_heads, dims.head_dim) == (192, 2, 6, 2, 32)
     assert dims.tie_embeddings is False and dims.vocab_size == 300 and dims.rope_theta == 10000.0
     assert resolve_dims(ModelConfig(preset="8b"), 257).rope_theta == 500000.0
     assert resolve_dims(ModelConfig(preset="tiny"), 257).vocab_size == 257
