@@ -16,6 +16,7 @@ the data of earlier phases; `replay_buffer.load` points a new run at an exported
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 from dataclasses import dataclass
@@ -67,12 +68,17 @@ class Reservoir:
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
-    """A fast, well-mixed 64-bit hash (SplitMix64's finaliser), vectorised: buffer picks per draw index."""
-    with np.errstate(over="ignore"):
-        z = np.asarray(x, np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+    """A fast, well-mixed 64-bit hash (SplitMix64's finaliser), vectorised: buffer picks per draw index.
+    Array arithmetic on uint64 wraps silently, which is what the hash wants."""
+    z = np.asarray(x, np.uint64).reshape(-1) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@functools.lru_cache(maxsize=16)
+def _pick_key(seed: int) -> np.uint64:
+    return splitmix64(np.array([seed + 0xB0FF], np.uint64))[0]
 
 
 def _step_uniforms(seed: int, step: int, n: int) -> np.ndarray:
@@ -116,6 +122,7 @@ class BufferSnapshot:
         self.draw = np.load(self.path / "draw.npy")
         dtype = np.dtype(self.index["dtype"])
         self.tokens = np.memmap(self.path / "tokens.bin", dtype=dtype, mode="r", shape=(self.fill, self.seq_len + 1))
+        self._rows = self.tokens.view(np.ndarray)  # same mapping; indexing skips memmap's per-call wrapping
 
     @property
     def capacity(self) -> int:
@@ -129,8 +136,8 @@ class BufferSnapshot:
         """Tokens for buffer draws k: entry hash(seed, k) mod fill, uniform over the buffer."""
         if self.fill == 0:
             raise ValueError(f"the replay buffer at {self.path} is empty")
-        picks = splitmix64(np.asarray(draws, np.uint64) ^ splitmix64(np.uint64(seed) + np.uint64(0xB0FF)))
-        return np.asarray(self.tokens[(picks % np.uint64(self.fill)).astype(np.int64)], np.int32)
+        picks = splitmix64(np.asarray(draws, np.uint64) ^ _pick_key(seed)) % np.uint64(self.fill)
+        return self._rows[picks.astype(np.int64)].astype(np.int32)
 
     def lookup(self) -> dict[tuple[str, int], int]:
         """(domain name, draw) -> row, to carry entries whose data is gone into the next snapshot."""

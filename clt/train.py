@@ -183,7 +183,19 @@ class Preemption:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
         self.requested = True
+
+    def agreed(self, at_boundary: bool) -> bool:
+        """Whether to stop now. One process: as soon as asked. Several: only at log boundaries, where every
+        host contributes its flag, so all stop after the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        if not at_boundary:
+            return False
+        from jax.experimental import multihost_utils
+        return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -372,7 +384,8 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
             if pbar is not None:
                 pbar.update(1)
 
-            if done % cfg.log.every == 0 or done == total or done == p.end:
+            log_now = done % cfg.log.every == 0 or done == total or done == p.end
+            if log_now:
                 m = jax.device_get(m)  # the loop's only host sync
                 dt = time.perf_counter() - t_log
                 interval = range(max((step // cfg.log.every) * cfg.log.every, p.start), done)
@@ -413,7 +426,7 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
 
             if cfg.debug.preempt_at_step == done:
                 os.kill(os.getpid(), signal.SIGTERM)
-            if preempt.requested:
+            if preempt.agreed(at_boundary=log_now):
                 if not store.has(done):
                     store.save(done, state, meta=dict(meta, phase=p.name))
                 store.wait()

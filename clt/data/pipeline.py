@@ -68,12 +68,11 @@ class BatchSource:
         D, L = len(self.plan.domains), self.plan.seq_len
         tokens = np.empty((len(slots), L + 1), np.int32)
         from_buffer = slots == 2 * D
-        domain_of = np.where(from_buffer, -1, slots % D)
-        for d in np.unique(domain_of[~from_buffer]):  # one gather per domain: fresh and replayed rows alike
-            rows = np.flatnonzero(domain_of == d)
-            name, n = self.plan.domains[d], self.sizes[d]
-            idx = np.array([example_index(self.plan.seed, name, k, n) for k in draws[rows]])
-            tokens[rows] = self.shards[d].sequences(idx, L)
+        seed, names = self.plan.seed, self.plan.domains
+        for j, (slot, k) in enumerate(zip(slots.tolist(), draws.tolist())):
+            if slot < 2 * D:  # fresh slot d and replay slot D + d are both domain d
+                d = slot % D
+                tokens[j] = self.shards[d].sequence(example_index(seed, names[d], k, self.sizes[d]), L)
         if from_buffer.any():
             if self.buffer is None:
                 raise RuntimeError(f"step {step} replays from the buffer, but no buffer snapshot is set")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -147,6 +148,11 @@ def _canonical_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=8)
+def _offsets(seq_len: int) -> np.ndarray:
+    return np.arange(seq_len + 1)
+
+
 class Shard:
     """A prepared shard opened read-only: the token stream is memory-mapped, never loaded whole."""
 
@@ -179,6 +185,7 @@ class Shard:
                              f"{index['num_tokens']} x {dtype.itemsize}: the shard is damaged; re-run `clt prepare`")
         self.tokens: np.ndarray = np.memmap(self.path / "tokens.bin", dtype=dtype, mode="r",
                                             shape=(index["num_tokens"],))
+        self._stream = self.tokens.view(np.ndarray)  # same mapping; indexing skips memmap's per-call wrapping
         self.doc_offsets: np.ndarray = np.load(self.path / "docs.npy", mmap_mode="r")
         self.doc_bytes: np.ndarray = np.load(self.path / "doc_bytes.npy", mmap_mode="r")
         if (self.doc_offsets.shape != (self.num_docs + 1,) or self.doc_offsets[-1] != self.num_tokens
@@ -232,19 +239,29 @@ class Shard:
             raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
         return (self.num_tokens - 1) // int(seq_len)
 
+    def sequence(self, i: int, seq_len: int) -> np.ndarray:
+        """Sequence i as a read-only view of seq_len + 1 tokens: the loader's per-row path (one slice, no
+        fancy indexing), so a batch's cost does not depend on how many domains its rows come from."""
+        start = i * seq_len
+        if i < 0 or start + seq_len + 1 > self.num_tokens:
+            raise IndexError(f"sequence index {i} out of range [0, {self.num_sequences(seq_len)}) for seq_len "
+                             f"{seq_len} in {self.path}")
+        return self._stream[start:start + seq_len + 1]
+
     def sequences(self, indices: np.ndarray | Sequence[int], seq_len: int) -> np.ndarray:
         """Sequences `indices` as int32 [*indices.shape, seq_len + 1]: tokens[i*L : i*L + L + 1] for each i."""
+        # This runs for every batch: the checks are kept, but as cheap reductions (the loader's hot path).
         n = self.num_sequences(seq_len)
         idx = np.asarray(indices)
-        if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        if idx.size and idx.dtype.kind not in "iu":
             raise TypeError(f"sequence indices must be integers, got dtype {idx.dtype}")
-        idx = idx.astype(np.int64)
-        bad = idx[(idx < 0) | (idx >= n)]
-        if bad.size:
+        idx = idx.astype(np.int64, copy=False)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = idx[(idx < 0) | (idx >= n)]
             raise IndexError(f"sequence indices {bad[:8].tolist()} out of range [0, {n}) for seq_len {seq_len} "
                              f"in {self.path}")
-        positions = idx[..., None] * seq_len + np.arange(seq_len + 1)
-        return np.asarray(self.tokens[positions], dtype=np.int32)
+        positions = idx[..., None] * seq_len + _offsets(seq_len)
+        return self._stream[positions].astype(np.int32)
 
     def manifest(self) -> dict:
         """File sizes and the token hash recorded at write time: identifies the contents without reading them."""
