@@ -55,7 +55,7 @@ def time_pipeline(source: BatchSource, steps: range, put) -> float:
     transfer to the device (clt.data.pipeline.iterate + device_prefetch, as in clt train)."""
     t0 = time.perf_counter()
     last = None
-    for _, _, last in device_prefetch(iterate(source, steps.start, steps.stop, prefetch=4), put):
+    for _, last in device_prefetch(iterate(source, steps.start, steps.stop, prefetch=4), put):
         pass
     jax.block_until_ready(last)
     return (time.perf_counter() - t0) / len(steps)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import importlib.metadata
 import json
 import os
@@ -32,7 +31,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from clt import config, plan as plan_lib, sharding, train
@@ -133,14 +131,12 @@ def build(preset: str, batch: int, seq_len: int, *, dtype: str = "auto", remat: 
     if batch % shards:
         raise ConfigError("batch_size", batch, f"does not divide the {shards} batch shards (data x fsdp)",
                           f"use a multiple of {shards}")
-    model = sharding.create_model(dims, jax_mesh, seed=seed, dtype=train.compute_dtype(cfg.model.dtype),
-                                  param_dtype=np.dtype(cfg.model.param_dtype), remat=cfg.model.remat)
-    graphdef, params = nnx.split(model)
     tx = make_optimizer(cfg.optim)
-    abstract = jax.eval_shape(functools.partial(train.new_state, tx=tx), params)
-    state_sh = sharding.shardings_of(jax_mesh, abstract)
-    state = jax.jit(functools.partial(train.new_state, tx=tx), out_shardings=state_sh)(params)
-    del model, params  # the state owns the params now; the step donates it
+    graphdef, params, _, state_sh = train.state_layout(
+        dims, jax_mesh, tx, seed=seed, dtype=train.compute_dtype(cfg.model.dtype),
+        param_dtype=np.dtype(cfg.model.param_dtype), remat=cfg.model.remat)
+    state = train.init_state(params, tx, state_sh)
+    del params  # the state owns the params now; the step donates it
     batch_sh = sharding.batch_sharding(jax_mesh)
     step_fn = train.compile_step(graphdef, tx, plan_lib.resolve(cfg), cfg.optim, state_sh, batch_sh,
                                  sharding.replicated(jax_mesh))

@@ -157,6 +157,11 @@ def check_resume_plan(cfg: Config, meta: dict, step: int, manifest: dict[str, st
     if accept_changed_past:
         return resolve(cfg)
     ran = Plan.from_json(meta["plan"]).with_domains(cfg.domain_names())
+    # These fix which example every past row was: changing them would rewrite the past.
+    for field, old, new in (("seed", ran.seed, cfg.seed), ("data.seq_len", ran.seq_len, cfg.data.seq_len),
+                            ("data.block_rows", ran.block_rows, cfg.data.block_rows)):
+        if old != new:
+            raise ConfigError(field, new, f"the run so far used {old}", "restore it, or pass --accept-changed-past")
     started = [p for p in ran.phases if p.start < step]
     if len(cfg.phases) < len(started):
         raise ConfigError("phases", [ph.name for ph in cfg.phases], f"phases that already ran were removed "

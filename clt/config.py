@@ -20,7 +20,7 @@ import pathlib
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 Mixture = tuple[tuple[str, float], ...]  # normalised (domain, weight) pairs, in declaration order

@@ -30,15 +30,17 @@ def slot_names(domains: tuple[str, ...]) -> list[str]:
     return list(domains) + [f"replay/{d}" for d in domains] + ["replay/buffer"]
 
 
-def largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
-    """Integer counts summing to `total`, closest to total x weights (ties go to the earlier index)."""
+def largest_remainder(total: int, weights: np.ndarray, tie_rank: np.ndarray | None = None) -> np.ndarray:
+    """Integer counts summing to `total`, closest to total x weights; equal remainders go to the lowest
+    `tie_rank` (default: the earlier index)."""
     w = np.asarray(weights, np.float64)
     if total == 0 or w.sum() <= 0:
         return np.zeros(len(w), np.int64)
     exact = total * w / w.sum()
     counts = np.floor(exact).astype(np.int64)
     short = total - counts.sum()
-    order = np.argsort(-(exact - counts), kind="stable")
+    rank = np.arange(len(w)) if tie_rank is None else np.asarray(tie_rank)
+    order = np.lexsort((rank, -(exact - counts)))
     counts[order[:short]] += 1
     return counts
 
@@ -71,13 +73,15 @@ def slot_weights(plan: "Plan", p: "PhasePlan", step: int) -> np.ndarray:
     return out
 
 
-def block_counts(weights: np.ndarray, block: int, replay_share: float, D: int) -> np.ndarray:
+def block_counts(weights: np.ndarray, block: int, replay_share: float, domains: tuple[str, ...]) -> np.ndarray:
     """Exact slot counts of one block: round(r x K) replayed rows, the rest fresh, each split by largest
-    remainder."""
+    remainder (ties by domain name, so the config's domain order does not matter)."""
+    D = len(domains)
     n_replay = int(np.floor(replay_share * block + 0.5)) if replay_share > 0 else 0
+    name_rank = np.argsort(np.argsort(domains))
     counts = np.zeros(len(weights), np.int64)
-    counts[:D] = largest_remainder(block - n_replay, weights[:D])
-    counts[D:] = largest_remainder(n_replay, weights[D:])
+    counts[:D] = largest_remainder(block - n_replay, weights[:D], name_rank)
+    counts[D:] = largest_remainder(n_replay, weights[D:], np.append(name_rank, D))
     return counts
 
 
@@ -97,6 +101,8 @@ class Stage:
     """Exact slot counts per full block."""
     draws_before: np.ndarray
     """Draws of each counter (D domains, then the buffer) before this stage."""
+    order: np.ndarray
+    """`canonical_order` of the plan's slots."""
 
 
 def counter_of(slots: np.ndarray, D: int) -> np.ndarray:
@@ -104,9 +110,18 @@ def counter_of(slots: np.ndarray, D: int) -> np.ndarray:
     return np.where(slots < 2 * D, slots % D, D)
 
 
+def canonical_order(domains: tuple[str, ...]) -> np.ndarray:
+    """Slot ids by (fresh, replay, buffer), then domain name. A block lays its slots out in this order before
+    permuting, so the rows of the past do not move when a later config declares a new domain (wherever its
+    name sorts) or lists the domains in another order."""
+    D = len(domains)
+    keys = [(0, d) for d in domains] + [(1, d) for d in domains] + [(2, "")]
+    return np.array(sorted(range(2 * D + 1), key=lambda i: keys[i]))
+
+
 def block_slots(seed: int, stage: Stage, b: int) -> np.ndarray:
     """Slots of block b of a stage, in their permuted order: a pure function of (seed, stage, block)."""
-    slots = np.repeat(np.arange(len(stage.counts)), stage.counts)
+    slots = np.repeat(stage.order, stage.counts[stage.order])
     return slots[np.random.default_rng([seed, stage.index, b]).permutation(len(slots))]
 
 
@@ -139,7 +154,8 @@ def _phase_stages(plan: "Plan", p: "PhasePlan", first_index: int, draws_before: 
         rows0 = p.row_start + (s0 - p.start) * p.batch_size
         stage = Stage(index=first_index + len(stages), phase=p.index, step_start=s0, step_end=s1,
                       row_start=rows0, row_end=rows0 + (s1 - s0) * p.batch_size, block=K, weights=w,
-                      counts=block_counts(w, K, p.replay_share, D), draws_before=draws)
+                      counts=block_counts(w, K, p.replay_share, plan.domains), draws_before=draws,
+                      order=canonical_order(plan.domains))
         stages.append(stage)
         draws = draws + stage_draws(plan.seed, D, stage)
     return stages

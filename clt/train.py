@@ -106,6 +106,20 @@ def train_step(state: dict, tokens: jax.Array, *, graphdef: nnx.GraphDef, tx: op
     return new_state_, metrics
 
 
+def state_layout(dims: ModelDims, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation, *, seed: int,
+                 **model_kwargs: Any) -> tuple[nnx.GraphDef, nnx.State, dict, dict]:
+    """(graphdef, params, abstract train state, its shardings): the model created into its shards and the
+    layout every checkpoint restore and the jitted step use."""
+    graphdef, params = nnx.split(sharding.create_model(dims, mesh, seed=seed, **model_kwargs))
+    abstract = jax.eval_shape(functools.partial(new_state, tx=tx), params)
+    return graphdef, params, abstract, sharding.shardings_of(mesh, abstract)
+
+
+def init_state(params: nnx.State, tx: optax.GradientTransformation, state_sh: dict) -> dict:
+    """A fresh train state (step 0, new optimizer) around `params`, created directly into its shardings."""
+    return jax.jit(functools.partial(new_state, tx=tx), out_shardings=state_sh)(params)
+
+
 def compile_step(graphdef, tx, plan: Plan, optim: OptimConfig, state_sh, batch_sh, repl) -> Callable:
     fn = functools.partial(train_step, graphdef=graphdef, tx=tx, plan=plan, optim=optim)
     return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
@@ -282,13 +296,10 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
     eos = next(iter(data.values())).train.eos_id
     log.info("model: %s, %.2fM params; plan %s: %d steps", cfg.model.preset or "custom",
              param_count(dims) / 1e6, plan.digest(), plan.total_steps)
-    model = sharding.create_model(dims, mesh, seed=cfg.seed, dtype=compute_dtype(cfg.model.dtype),
-                                  param_dtype=jnp.dtype(cfg.model.param_dtype), remat=cfg.model.remat,
-                                  doc_mask=cfg.model.doc_mask, eos_id=eos)
-    graphdef, params = nnx.split(model)
     tx = make_optimizer(cfg.optim)
-    abstract_state = jax.eval_shape(functools.partial(new_state, tx=tx), params)
-    state_sh = sharding.shardings_of(mesh, abstract_state)
+    graphdef, params, abstract_state, state_sh = state_layout(
+        dims, mesh, tx, seed=cfg.seed, dtype=compute_dtype(cfg.model.dtype),
+        param_dtype=jnp.dtype(cfg.model.param_dtype), remat=cfg.model.remat, doc_mask=cfg.model.doc_mask, eos_id=eos)
     batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     # ---------------------------------------------------------------------------------------------- Load a checkpoint
@@ -301,15 +312,19 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
             truncate_from(wd / "metrics.jsonl", latest)
             truncate_from(wd / "events.jsonl", latest, keep=functools.partial(_history_event, latest))
     events = JsonlWriter(wd / "events.jsonl") if is_main else None
-    if latest is not None and is_main:
-        events.write(dict(event="resume", step=latest, time=time.time()))
+
+    def emit(event: dict) -> None:
+        if events is not None:
+            events.write(event)
+
+    if latest is not None:
+        emit(dict(event="resume", step=latest, time=time.time()))
     if latest is None:
         if cfg.model.init_from:
             params = ckpt_lib.load_init_weights(cfg.model.init_from, abstract_state["params"], state_sh["params"],
                                                 cfg.checkpoint)
-            if is_main:
-                events.write(dict(event="init_from", step=0, source=cfg.model.init_from))
-        state = jax.jit(functools.partial(new_state, tx=tx), out_shardings=state_sh)(params)
+            emit(dict(event="init_from", step=0, source=cfg.model.init_from))
+        state = init_state(params, tx, state_sh)
     start = int(state["step"])
     meta = dict(plan=plan.to_json(), digest=plan.digest(), data=manifest, init_from=cfg.model.init_from)
 
@@ -326,16 +341,18 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
     put_eval = lambda x: jax.device_put(x, batch_sh if x.ndim == 2 else rows_sh)  # noqa: E731
     fpt = flops_per_token(dims, plan.seq_len)
     peak = peak_flops()
-    metrics_out = JsonlWriter(wd / "metrics.jsonl") if is_main else None
-    sinks = [metrics_out] + ([TensorBoardSink(wd / "tb")] if cfg.log.tensorboard and is_main else [])
+    sinks = []  # process 0 writes the run's files
+    if is_main:
+        sinks.append(JsonlWriter(wd / "metrics.jsonl"))
+        if cfg.log.tensorboard:
+            sinks.append(TensorBoardSink(wd / "tb"))
     gap_monitor = monitor.GapMonitor(plan, cfg.monitor)
     if start > 0:  # the switches before the resume keep their baselines and their already-sent events
         gap_monitor.catch_up(read_jsonl(wd / "metrics.jsonl"))
 
     def write(row: dict) -> None:
-        if is_main:
-            for sink in sinks:
-                sink.write(row)
+        for sink in sinks:
+            sink.write(row)
 
     def run_eval(step: int) -> dict:
         row = dict(step=step, phase=plan.phase_at(min(step, plan.total_steps - 1)).name,
@@ -344,8 +361,7 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
             row.update(evaluate_task(score_fn, state["params"], task, cfg.data.eval_batch, put_eval))
         write(row)
         for event in gap_monitor.update(row):
-            if is_main:
-                events.write(event)
+            emit(event)
             if event["event"] == "alert":
                 log.warning("ALERT %s", event["message"])
                 if cfg.monitor.on_alert == "stop":
@@ -360,14 +376,13 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
         from tqdm import tqdm
         pbar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False)
     t_log, tokens_since = time.perf_counter(), 0
-    skipped_total = 0
     stop_reason = None
     with sharding.use_mesh(mesh), Preemption() as preempt:
         batches = device_prefetch(iterate(source, start, total, cfg.data.prefetch, before_phase), put)
-        for step, host_batch, batch in batches:
+        for step, batch in batches:
             p = plan.phase_at(step)
-            if step == p.start and is_main:
-                events.write(dict(event="phase_start", step=step, phase=p.name))
+            if step == p.start:
+                emit(dict(event="phase_start", step=step, phase=p.name))
             if step == p.start and step > 0 and p.optimizer == "reset":
                 state = reset_optimizer(state, tx, state_sh)
                 log.info("phase %s: optimizer state reset", p.name)
@@ -401,7 +416,10 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
                 write(row)
                 last_row = row
                 line = _log_line(step, total, p.name, row)
-                (pbar.write(line) if pbar is not None else log.info(line)) if is_main else None
+                if pbar is not None:
+                    pbar.write(line)
+                elif is_main:
+                    log.info(line)
                 t_log, tokens_since = time.perf_counter(), 0
                 if skips >= cfg.optim.max_skips:
                     stop_reason = (f"{skips} consecutive updates skipped (non-finite or spiking loss) at step {step}; "
@@ -409,20 +427,18 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
                     break
 
             if done == p.end or done == total:
-                if done in eval_at and done == total:
+                if done == total:  # the final eval (other phase ends are evaluated as the next phase's baseline)
                     try:
                         run_eval(done)
                     except StopRun as e:
                         stop_reason = str(e)
                 store.save(done, state, meta=dict(meta, phase=p.name), phase_end=True)
-                if is_main:
-                    events.write(dict(event="checkpoint", step=done, kind="phase_end"))
+                emit(dict(event="checkpoint", step=done, kind="phase_end"))
                 if stop_reason:
                     break
             elif store.due(done):
                 store.save(done, state, meta=dict(meta, phase=p.name))
-                if is_main:
-                    events.write(dict(event="checkpoint", step=done, kind="interval"))
+                emit(dict(event="checkpoint", step=done, kind="interval"))
 
             if cfg.debug.preempt_at_step == done:
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -433,8 +449,7 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
                 msg = (f"preempted: saved step {done}; resume with the same command "
                        f"(clt train CONFIG --workdir {workdir})")
                 log.warning(msg)
-                if is_main:
-                    events.write(dict(event="preempted", step=done))
+                emit(dict(event="preempted", step=done))
                 stop_reason = "preempted"
                 break
 
@@ -442,8 +457,7 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
         done = int(state["step"])
         if not store.has(done):
             store.save(done, state, meta=dict(meta, phase=plan.phase_at(max(done - 1, 0)).name))
-        if is_main:
-            events.write(dict(event="stopped", step=done, reason=stop_reason))
+        emit(dict(event="stopped", step=done, reason=stop_reason))
     if buffer is not None and is_main and int(state["step"]) == total:
         buffer.snapshot(total)  # the final buffer, ready for `clt replay export`
     store.wait()
@@ -451,8 +465,7 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
     if pbar is not None:
         pbar.close()
     for sink in sinks:
-        if sink is not None:
-            sink.close()
+        sink.close()
     if events is not None:
         events.close()
     if stop_reason and stop_reason != "preempted":

@@ -150,3 +150,18 @@ def test_replay_holds_through_blends_and_upsampling():
     slots = np.concatenate([mix.rows_at(s)[0] for s in range(20, 36)])
     for blk in range(2):
         assert ((slots[blk * 64:(blk + 1) * 64] >= 3) & (slots[blk * 64:(blk + 1) * 64] < 6)).sum() == 16
+
+
+def test_row_domains_do_not_depend_on_declaration_order_or_unused_domains():
+    """A later config may list the domains in another order and declare new ones: the rows of the past keep
+    their domains and draw indices (block layout and remainder ties go by name, not position)."""
+    phases = (ph("x", steps=12, mixture={"a": 0.5, "c": 0.5}), ph("y", steps=12, mixture={"c": 1.0}, replay=0.3))
+
+    def named_rows(domains):
+        raw = dict(data=dict(domains={d: "-" for d in domains}, seq_len=16, block_rows=64), batch_size=8,
+                   phases=phases)
+        pl = plan.resolve(config.from_dict(raw))
+        mix, D = MixtureSchedule(pl), len(pl.domains)
+        return [([pl.domains[x % D] for x in mix.rows_at(s)[0]], mix.rows_at(s)[1].tolist()) for s in range(24)]
+
+    assert named_rows(("a", "c")) == named_rows(("c", "a")) == named_rows(("c", "b", "a"))

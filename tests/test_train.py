@@ -61,24 +61,25 @@ def test_rows_come_from_the_domains_the_mixture_says(demo_data):
         assert (all_prose == row).all(axis=1).any()
 
 
+def sharded_step(cfg, mesh):
+    """(batch source, fresh sharded state, jitted step, optimizer, state shardings) built as clt train does."""
+    data = {d: DomainData(p) for d, p in cfg.data.domains}
+    pl = plan.resolve(cfg)
+    tx = make_optimizer(cfg.optim)
+    graphdef, params, _, state_sh = train.state_layout(train.model_dims(cfg, data), mesh, tx, seed=0,
+                                                       dtype=jnp.float32)
+    step = train.compile_step(graphdef, tx, pl, cfg.optim, state_sh, sharding.batch_sharding(mesh),
+                              sharding.replicated(mesh))
+    return BatchSource(pl, data), train.init_state(params, tx, state_sh), step, tx, state_sh
+
+
 def test_same_losses_on_one_and_eight_devices(demo_data, tmp_path):
     losses = {}
     for n in (1, 8):
         cfg = config.load("configs/smoke.py", smoke_overrides(demo_data, "phases.0.steps=4", "phases.1.steps=3",
                                                               "phases.2.steps=2", "log.every=1"))
-        devices = jax.devices()[:n]
-        mesh = sharding.make_mesh(config.MeshConfig(data=-1), devices)
-        pl = plan.resolve(cfg)
-        src = BatchSource(pl, {d: DomainData(p) for d, p in cfg.data.domains})
-        dims = train.model_dims(cfg, {d: DomainData(p) for d, p in cfg.data.domains})
-        model = sharding.create_model(dims, mesh, seed=0, dtype=jnp.float32)
-        graphdef, params = nnx.split(model)
-        tx = make_optimizer(cfg.optim)
-        abstract = jax.eval_shape(functools.partial(train.new_state, tx=tx), params)
-        state_sh = sharding.shardings_of(mesh, abstract)
-        state = jax.jit(functools.partial(train.new_state, tx=tx), out_shardings=state_sh)(params)
-        step = train.compile_step(graphdef, tx, pl, cfg.optim, state_sh, sharding.batch_sharding(mesh),
-                                  sharding.replicated(mesh))
+        mesh = sharding.make_mesh(config.MeshConfig(data=-1), jax.devices()[:n])
+        src, state, step, _, _ = sharded_step(cfg, mesh)
         out = []
         with sharding.use_mesh(mesh):
             for s in range(4):
@@ -115,10 +116,8 @@ def test_params_are_sharded_by_the_rules_in_the_train_state():
     from clt.model import resolve_dims
 
     dims = resolve_dims(config.ModelConfig(preset="tiny"), 256)
-    model = sharding.create_model(dims, mesh, seed=0, dtype=jnp.float32)
-    _, params = nnx.split(model)
-    tx = make_optimizer(config.OptimConfig())
-    state_sh = sharding.shardings_of(mesh, jax.eval_shape(functools.partial(train.new_state, tx=tx), params))
+    _, _, _, state_sh = train.state_layout(dims, mesh, make_optimizer(config.OptimConfig()), seed=0,
+                                           dtype=jnp.float32)
     embed_sh = jax.tree.leaves(state_sh["params"]["embed"])[0]
     assert embed_sh.spec == jax.P("tensor", "fsdp")
     # Adam's first moment of the embedding shards like the embedding itself
@@ -129,16 +128,7 @@ def test_params_are_sharded_by_the_rules_in_the_train_state():
 def test_reset_starts_a_fresh_optimizer_state_and_keep_carries_it(demo_data):
     cfg = config.load("configs/smoke.py", smoke_overrides(demo_data))
     mesh = sharding.make_mesh(config.MeshConfig(data=-1))
-    pl = plan.resolve(cfg)
-    src = source_for(cfg)
-    dims = train.model_dims(cfg, {d: DomainData(p) for d, p in cfg.data.domains})
-    graphdef, params = nnx.split(sharding.create_model(dims, mesh, seed=0, dtype=jnp.float32))
-    tx = make_optimizer(cfg.optim)
-    abstract = jax.eval_shape(functools.partial(train.new_state, tx=tx), params)
-    state_sh = sharding.shardings_of(mesh, abstract)
-    state = jax.jit(functools.partial(train.new_state, tx=tx), out_shardings=state_sh)(params)
-    step = train.compile_step(graphdef, tx, pl, cfg.optim, state_sh, sharding.batch_sharding(mesh),
-                              sharding.replicated(mesh))
+    src, state, step, tx, state_sh = sharded_step(cfg, mesh)
     with sharding.use_mesh(mesh):
         for s in range(3):
             state, _ = step(state, jax.device_put(src.batch(s)["tokens"], sharding.batch_sharding(mesh)))

@@ -101,12 +101,12 @@ def iterate(source: BatchSource, start: int, stop: int, prefetch: int,
         yield from ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch))
 
 
-def device_prefetch(it: Iterator[tuple[int, dict]], put, depth: int = 2) -> Iterator[tuple[int, dict, object]]:
-    """(step, host batch, device batch) with `depth` batches already sent to the devices ahead of the step
-    (transfers are asynchronous, so they overlap the running step)."""
+def device_prefetch(it: Iterator[tuple[int, dict]], put, depth: int = 2) -> Iterator[tuple[int, object]]:
+    """(step, device batch) with `depth` batches already sent to the devices ahead of the step (transfers are
+    asynchronous, so they overlap the running step)."""
     queue: collections.deque = collections.deque()
     for step, batch in it:
-        queue.append((step, batch, put(batch)))
+        queue.append((step, put(batch)))
         if len(queue) > depth:
             yield queue.popleft()
     while queue:
