@@ -72,8 +72,8 @@ class CheckpointStore:
                                                preservation_policy=preservation, read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
-    def keep_phase_ends(self, steps: tuple[int, ...]) -> None:
-        """Phase-end steps are kept regardless of `keep` (the plan is known only after the store opens)."""
+    def keep_steps(self, steps: tuple[int, ...]) -> None:
+        """Steps kept regardless of `keep`: phase ends and branch points (known only after the store opens)."""
         self._phase_ends.clear()
         self._phase_ends.update(steps)
 

@@ -28,6 +28,7 @@ Mixture = tuple[tuple[str, float], ...]  # normalised (domain, weight) pairs, in
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "inverse_sqrt", "wsd", "infinite", "power")
 WSD_SHAPES = ("linear", "cosine", "1-sqrt")
+DEFAULT_SHAPE = {"wsd": "1-sqrt", "infinite": "cosine"}  # a schedule's `shape` when the config leaves it out
 
 
 class ConfigError(ValueError):
@@ -100,8 +101,8 @@ class ScheduleConfig:
     """Final LR (eta_min) that decays approach; must not exceed `peak`."""
     decay: float = 0.2
     """wsd/power: fraction of the segment spent decaying at the end (10-20% is the published sweet spot)."""
-    shape: str = "1-sqrt"
-    """wsd decay shape: linear | cosine | 1-sqrt. infinite cooldown shape: cosine | inverse_sqrt."""
+    shape: str = ""
+    """wsd decay shape: linear | cosine | 1-sqrt (default). infinite cooldown: cosine (default) | inverse_sqrt."""
     const: float = 0.0
     """infinite: the constant LR held after the cooldown (eta_const)."""
     cooldown: float = 0
@@ -136,10 +137,10 @@ class ScheduleConfig:
         if self.kind in ("wsd", "power") and not 0 <= self.decay <= 1:
             raise ConfigError(f"{path}.decay", self.decay, "decay is a fraction of the segment",
                               "use a value in [0, 1], e.g. 0.2")
-        if self.kind == "wsd" and self.shape not in WSD_SHAPES:
+        if self.kind == "wsd" and self.shape not in WSD_SHAPES + ("",):
             raise ConfigError(f"{path}.shape", self.shape, "unknown WSD decay shape", f"use one of {WSD_SHAPES}")
         if self.kind == "infinite":
-            if self.shape not in ("cosine", "inverse_sqrt"):
+            if self.shape not in ("cosine", "inverse_sqrt", ""):
                 raise ConfigError(f"{path}.shape", self.shape, "unknown infinite cooldown shape",
                                   "use cosine or inverse_sqrt")
             if self.anneal_shape not in ("exponential", "linear"):

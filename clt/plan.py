@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clt.config import Config, ConfigError, PhaseConfig, ScheduleConfig
+from clt.config import DEFAULT_SHAPE, Config, ConfigError, PhaseConfig, ScheduleConfig
 from clt.mixture import resolve_replay_weights
 
 
@@ -34,7 +34,7 @@ class Segment:
     warmup: int = 0
     decay: int = 0
     """wsd/power: decay steps at the end of the segment."""
-    shape: str = "1-sqrt"
+    shape: str = ""
     const: float = 0.0
     cooldown: int = 0
     anneal: int = 0
@@ -191,6 +191,7 @@ def _phase_steps(ph: PhaseConfig, cfg: Config, batch: int, path: str) -> int:
 
 
 def _segment(s: ScheduleConfig, T: int, start: int, chain_head: Segment | None, path: str) -> Segment:
+    s = dataclasses.replace(s, shape=s.shape or DEFAULT_SHAPE.get(s.kind, ""))
     W = _frac_steps(s.warmup, T, f"{path}.warmup")
     if s.kind == "power" and s.decay > 0 and s.end <= 0:
         raise ConfigError(f"{path}.end", s.end, "the power schedule's exponential decay needs end > 0",

@@ -216,10 +216,14 @@ class Preemption:
             signal.signal(sig, old)
 
 
-def _history_event(resumed: int, event: dict) -> bool:
-    """Events a resume must keep: the run's own history, and the checkpoint it resumed from (not redone)."""
-    return event.get("event") in ("preempted", "resume", "stopped", "init_from") or (
-        event.get("event") == "checkpoint" and event.get("step") == resumed)
+def _kept_on_resume(resumed: int, row: dict) -> bool:
+    """Rows at or after the resumed step that a resume keeps: the run's own history, and what was written at
+    the resumed step before its checkpoint was saved (the checkpoint event, a branch's release), which the
+    resumed run does not redo."""
+    if row.get("event") in ("preempted", "resume", "stopped", "init_from"):
+        return True
+    return row.get("step") == resumed and (row.get("event") in ("checkpoint", "release")
+                                           or any(k.startswith("release/") for k in row))
 
 
 def _log_line(step: int, total: int, phase: str, row: dict) -> str:
@@ -260,7 +264,10 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
         resume_meta = store.meta(latest)
         ckpt_lib.check_init_from(resume_meta, cfg.model.init_from)
         plan = ckpt_lib.check_resume_plan(cfg, resume_meta, latest, manifest, accept_changed_past)
-    store.keep_phase_ends(tuple(p.end for p in plan.phases))
+    # An infinite schedule's branch anneal: the state at the anneal's start is where the next phase continues.
+    branch_points = {p.end - p.schedule.anneal: p for p in plan.phases
+                     if p.schedule.kind == "infinite" and p.schedule.branch}
+    store.keep_steps(tuple(p.end for p in plan.phases) + tuple(branch_points))
     check_data_needed(plan, data, latest or 0, cfg)
     source = BatchSource(plan, data, host=jax.process_index(), hosts=jax.process_count())
     eval_domains = tuple(d for d in plan.domains if d in data)
@@ -309,8 +316,8 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
         latest, state = store.restore_latest(abstract_state, state_sh)
         log.info("resumed from step %d", latest)
         if is_main:  # rows past the restored step are written again by this run (before the files reopen)
-            truncate_from(wd / "metrics.jsonl", latest)
-            truncate_from(wd / "events.jsonl", latest, keep=functools.partial(_history_event, latest))
+            truncate_from(wd / "metrics.jsonl", latest, keep=functools.partial(_kept_on_resume, latest))
+            truncate_from(wd / "events.jsonl", latest, keep=functools.partial(_kept_on_resume, latest))
     events = JsonlWriter(wd / "events.jsonl") if is_main else None
 
     def emit(event: dict) -> None:
@@ -367,6 +374,20 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
                 if cfg.monitor.on_alert == "stop":
                     raise StopRun(event["message"])
         return row
+
+    def release_and_rewind(p, state: dict) -> dict:
+        """A branch anneal ends: keep its result as a release checkpoint (<workdir>/releases/<phase>/, evaluated
+        as `release/eval/...`), and continue from the state saved at the anneal's start, at eta_const."""
+        release = ckpt_lib.CheckpointStore(wd / "releases" / p.name, cfg.checkpoint)
+        if not release.has(p.end):  # a run killed right after this save redoes it identically: keep the first
+            release.save(p.end, state, meta=dict(meta, phase=p.name, release=True))
+        release.close()
+        scores = evaluate(eval_fn, state["params"], eval_sets, cfg.data.eval_batch, put_eval)
+        write(dict(step=p.end, phase=p.name, **{f"release/{k}": v for k, v in scores.items()}))
+        emit(dict(event="release", step=p.end, phase=p.name, path=f"releases/{p.name}"))  # workdir-relative
+        store.wait()
+        before = store.restore(p.end - p.schedule.anneal, abstract_state, state_sh)
+        return {**before, "step": state["step"]}
 
     # ---------------------------------------------------------------------------------------------- Train loop
     total = plan.total_steps
@@ -426,6 +447,8 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
                                    "the checkpoint holds the last good state: lower the LR or inspect the data")
                     break
 
+            if done == p.end and p.schedule.kind == "infinite" and p.schedule.branch:
+                state = release_and_rewind(p, state)
             if done == p.end or done == total:
                 if done == total:  # the final eval (other phase ends are evaluated as the next phase's baseline)
                     try:
@@ -436,9 +459,9 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
                 emit(dict(event="checkpoint", step=done, kind="phase_end"))
                 if stop_reason:
                     break
-            elif store.due(done):
+            elif store.due(done) or done in branch_points:
                 store.save(done, state, meta=dict(meta, phase=p.name))
-                emit(dict(event="checkpoint", step=done, kind="interval"))
+                emit(dict(event="checkpoint", step=done, kind="branch_point" if done in branch_points else "interval"))
 
             if cfg.debug.preempt_at_step == done:
                 os.kill(os.getpid(), signal.SIGTERM)

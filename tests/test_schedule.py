@@ -137,3 +137,10 @@ def test_lr_at_is_jit_traceable_and_vectorised():
     steps = np.arange(100)
     np.testing.assert_allclose(np.asarray(jax.vmap(jitted)(steps)), np.asarray(lr_at(pl, steps)), rtol=1e-5)
     assert float(jitted(55)) == pytest.approx(lr(pl, 55))
+
+
+def test_shape_defaults_follow_the_kind():
+    assert one_phase(kind="wsd", peak=1e-3, decay=0.2).phases[0].schedule.shape == "1-sqrt"
+    pl = one_phase(kind="infinite", warmup=5, peak=1e-3, const=5e-4, cooldown=20)  # no shape given
+    assert pl.phases[0].schedule.shape == "cosine"
+    close(lr(pl, 15), 5e-4 + 0.5 * 5e-4 * (1 + math.cos(math.pi * 10 / 20)))
