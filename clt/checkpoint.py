@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from clt.config import CheckpointConfig, Config, ConfigError
-from clt.plan import Plan, resolve
+from clt.plan import PhasePlan, Plan, resolve
 
 log = logging.getLogger("clt")
 
@@ -138,12 +138,15 @@ _RANGE_FIELDS = {"start", "end", "row_start", "upsample_start", "replay_weights"
 _RANGE_SCHEDULE_FIELDS = {"warmup", "decay", "cooldown", "anneal", "chain_start"}
 
 
-def _phase_changes(old: dict, new: dict, percent: bool) -> list[str]:
+def _phase_changes(old: PhasePlan, new: PhasePlan, percent: bool) -> list[tuple[str, Any, Any]]:
+    """(field, old value, new value) of every change that matters to a phase that ran."""
     skip = _RANGE_FIELDS if percent else set()
-    changed = [k for k in old if k not in skip and k != "schedule" and old[k] != new.get(k)]
+    old_d, new_d = dataclasses.asdict(old), dataclasses.asdict(new)
+    changed = [(k, old_d[k], new_d[k]) for k in old_d if k not in skip | {"schedule"} and old_d[k] != new_d[k]]
     skip_s = _RANGE_SCHEDULE_FIELDS if percent else set()
-    changed += [f"schedule.{k}" for k in old["schedule"]
-                if k not in skip_s and old["schedule"][k] != new["schedule"].get(k)]
+    old_s, new_s = old.schedule.defining(), new.schedule.defining()
+    changed += [(f"schedule.{k}", old_s[k], new_s.get(k)) for k in old_s
+                if k not in skip_s and old_s[k] != new_s.get(k)]
     return changed
 
 
@@ -168,13 +171,11 @@ def check_resume_plan(cfg: Config, meta: dict, step: int, manifest: dict[str, st
                           f"(ran: {[p.name for p in started]})", "keep them, or pass --accept-changed-past")
     fresh = resolve(cfg)
     for old, new, ph in zip(started, fresh.phases, cfg.phases):
-        old_d, new_d = dataclasses.asdict(old), dataclasses.asdict(new)
-        changed = _phase_changes(old_d, new_d, percent=ph.percent is not None)
+        changed = _phase_changes(old, new, percent=ph.percent is not None)
         if changed:
-            key = changed[0]
-            get = lambda d: d["schedule"][key[9:]] if key.startswith("schedule.") else d[key]  # noqa: E731
-            raise ConfigError(f"phases.{old.name}.{key}", get(new_d), f"phase {old.name!r} already ran (from step "
-                              f"{old.start}) with {key}={get(old_d)!r}",
+            key, before, after = changed[0]
+            raise ConfigError(f"phases.{old.name}.{key}", after, f"phase {old.name!r} already ran (from step "
+                              f"{old.start}) with {key}={before!r}",
                               "restore its old value, or pass --accept-changed-past to change the past knowingly")
     for old in started:
         for d in (d for d, w in zip(ran.domains, old.mixture) if w > 0):

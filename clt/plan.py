@@ -46,6 +46,16 @@ class Segment:
     chain_start: int = 0
     """infinite: first step of the run of consecutive infinite phases (warmup and cooldown happen once)."""
 
+    def defining(self) -> dict:
+        """The fields this kind's formula reads: what "the schedule changed" means on resume (a field the kind
+        ignores, like a cosine's `shape`, may differ in a plan.json written by another clt version)."""
+        used = {"constant": ("warmup",), "linear": ("warmup", "end"), "cosine": ("warmup", "end"),
+                "inverse_sqrt": ("warmup",), "wsd": ("warmup", "end", "decay", "shape"),
+                "infinite": ("warmup", "end", "shape", "const", "cooldown", "anneal", "anneal_shape", "branch",
+                             "alpha", "chain_start"),
+                "power": ("warmup", "end", "decay", "a", "b")}[self.kind]
+        return {"kind": self.kind, "peak": self.peak, **{k: getattr(self, k) for k in used}}
+
 
 @dataclass(frozen=True)
 class PhasePlan:

@@ -219,3 +219,21 @@ def test_changing_what_fixes_the_past_data_order_is_an_error(demo_data, referenc
     raw = config.apply_overrides(raw, [f"{field}={value}"])
     with pytest.raises(ConfigError, match=rf"{field} = {value}: the run so far used .*--accept-changed-past"):
         train.train(config.from_dict(raw), str(tmp_path / "run"), progress=False)
+
+
+def test_a_field_the_schedule_kind_ignores_is_not_a_change(demo_data, reference, tmp_path):
+    """A plan.json from another clt version may store e.g. a cosine segment's unused `shape` differently."""
+    shutil.copytree(reference, tmp_path / "run")
+    store = checkpoint.CheckpointStore(tmp_path / "run" / "checkpoints", config.CheckpointConfig(), read_only=True)
+    meta = store.meta(28)
+    store.close()
+    meta["plan"]["phases"][0]["schedule"]["shape"] = "1-sqrt"  # cosine ignores it
+    from clt.checkpoint import check_resume_plan
+    from clt.train import data_manifest, load_domains
+
+    cfg = config.from_dict(raw_smoke(demo_data))
+    manifest = data_manifest(cfg, load_domains(cfg))
+    check_resume_plan(cfg, meta, 28, manifest)  # accepted
+    meta["plan"]["phases"][0]["schedule"]["end"] = 1e-6  # cosine reads it
+    with pytest.raises(ConfigError, match=r"phases\.base\.schedule\.end.*already ran"):
+        check_resume_plan(cfg, meta, 28, manifest)
