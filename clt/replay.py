@@ -58,13 +58,19 @@ class Reservoir:
     def offer(self, domains: np.ndarray, draws: np.ndarray, u: np.ndarray) -> None:
         """Algorithm R over rows in order: row n (0-based) fills slot n while the buffer is not full, then
         replaces slot j = floor(u x (n + 1)) when j < capacity, so each row seen is kept with probability
-        capacity / rows seen."""
-        for d, k, x in zip(domains, draws, u):
-            n = self.seen
-            j = n if n < self.capacity else int(x * (n + 1))
-            if j < self.capacity:
-                self.domain[j], self.draw[j] = d, k
-            self.seen += 1
+        capacity / rows seen. Row n's slot depends only on (n, u), never on the buffer, so all rows are placed
+        at once: each slot ends with the last row that chose it, exactly as the sequential loop would leave it."""
+        m = len(domains)
+        if m == 0:
+            return
+        n = self.seen + np.arange(m, dtype=np.int64)
+        j = np.where(n < self.capacity, n, np.floor(np.asarray(u) * (n + 1)).astype(np.int64))
+        chosen = np.flatnonzero(j < self.capacity)
+        slots = j[chosen]
+        _, from_end = np.unique(slots[::-1], return_index=True)
+        last = chosen[len(chosen) - 1 - from_end]  # the last row choosing each slot wins
+        self.domain[j[last]], self.draw[j[last]] = np.asarray(domains)[last], np.asarray(draws)[last]
+        self.seen += m
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:

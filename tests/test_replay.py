@@ -32,6 +32,26 @@ def test_reservoir_keeps_every_row_with_equal_probability():
     assert abs(kept[:N // 2].sum() - kept[N // 2:].sum()) < 0.05 * kept.sum()
 
 
+def test_vectorised_offer_equals_sequential_algorithm_r():
+    def sequential(cap, chunks):
+        domain, draw, seen = [-1] * cap, [0] * cap, 0
+        for d_arr, k_arr, u_arr in chunks:
+            for d, k, x in zip(d_arr, k_arr, u_arr):
+                j = seen if seen < cap else int(x * (seen + 1))
+                if j < cap:
+                    domain[j], draw[j] = d, k
+                seen += 1
+        return domain, draw
+
+    rng = np.random.default_rng(0)
+    chunks = [(rng.integers(0, 3, m), rng.integers(0, 10**6, m), rng.random(m)) for m in (5, 0, 17, 40, 300, 1)]
+    res = replay.Reservoir.empty(25)
+    for chunk in chunks:
+        res.offer(*chunk)
+    domain, draw = sequential(25, chunks)
+    assert res.domain.tolist() == domain and res.draw.tolist() == draw and res.seen == 363
+
+
 def test_reservoir_is_a_pure_function_of_the_plan_and_step(demo_data):
     cfg = config.load("configs/smoke.py", smoke_overrides(demo_data))
     pl = plan.resolve(cfg)
