@@ -42,47 +42,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     """One LR segment on its own: `clt schedule cosine peak=1e-3 warmup=0.1 --steps 1000 --csv`."""
+    import numpy as np
+
     from clt import config, plan, report
     from clt.schedule import lr_at
 
-    fields = {k: v for k, v in (_split_kv(o) for o in args.overrides)}
-    sched = dict(kind=args.kind, **fields) if args.kind in config.SCHEDULE_KINDS else dict(preset=args.kind, **fields)
+    base = dict(kind=args.kind) if args.kind in config.SCHEDULE_KINDS else dict(preset=args.kind)
+    sched = config.apply_overrides(base, args.overrides)  # the same key=value grammar as config overrides
     raw = dict(data=dict(domains={"all": "-"}, seq_len=args.seq_len), batch_size=args.batch_size,
                phases=(dict(name="segment", steps=args.steps, mixture={"all": 1.0}, schedule=sched),))
-    cfg = config.from_dict(raw)
-    resolved = plan.resolve(cfg)
+    resolved = plan.resolve(config.from_dict(raw))
+    steps = np.arange(args.steps)
+    lr = np.asarray(lr_at(resolved, steps))
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-
-        steps = np.arange(args.steps)
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        ax.plot(steps, np.asarray(lr_at(resolved, steps)), color="C3")
-        ax.set_xlabel("step")
-        ax.set_ylabel("learning rate")
-        ax.set_title(report.describe_segment(resolved.phases[0].schedule), fontsize=9)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=110)
-        plt.close(fig)
+        report.plot_schedule(resolved.phases[0].schedule, steps, lr, args.plot)
         print(f"wrote {args.plot}")
     if args.csv or not args.plot:
-        import numpy as np
-
-        lr = np.asarray(lr_at(resolved, np.arange(args.steps)))
         print("step,lr")
         print("\n".join(f"{s},{v:.6g}" for s, v in enumerate(lr)))
     return 0
-
-
-def _split_kv(item: str) -> tuple[str, object]:
-    from clt.config import parse_value
-
-    if "=" not in item:
-        raise ConfigError(item, item, "a schedule parameter is key=value", "write e.g. peak=1e-3")
-    k, v = item.split("=", 1)
-    return k.strip(), parse_value(v)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -138,6 +116,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from clt import report
 
     print(report.write_report(args.workdir, out=args.out))
+    return 0
     return 0
 
 

@@ -178,8 +178,7 @@ def materialise(res: Reservoir, plan: Plan, step: int, data: Mapping[str, Domain
             d, k = int(res.domain[i]), int(res.draw[i])
             if d in present:
                 shard = present[d].train
-                idx = example_index(plan.seed, domains[d], k, shard.num_sequences(L))
-                tokens[i] = shard.sequences(np.array([idx]), L)[0]
+                tokens[i] = shard.sequence(example_index(plan.seed, domains[d], k, shard.num_sequences(L)), L)
             elif (domains[d], k) in carried:
                 tokens[i] = previous.tokens[carried[(domains[d], k)]]
             else:

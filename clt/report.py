@@ -159,6 +159,19 @@ def plot_plan(plan: Plan, path: str) -> None:
     plt.close(fig)
 
 
+def plot_schedule(seg: Segment, steps: np.ndarray, lr: np.ndarray, path: str) -> None:
+    """One LR segment over its steps (`clt schedule --plot`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot(steps, lr, color="C3")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(describe_segment(seg), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A run's report: `clt report WORKDIR` -> <workdir>/report/{report.md, stability.json, *.png}
 # ----------------------------------------------------------------------------------------------------------
