@@ -1,0 +1,118 @@
+"""What a restart of `clt train` on an existing workdir may do: the workdir lock, and run-file rewriting.
+
+A continual pre-training run lives for weeks on preemptible machines, so every start of `clt train` is
+potentially a restart. Two rules make that safe:
+- one job owns a workdir at a time: an exclusive `flock` on `<workdir>/.lock`, held for the life of the
+  process and released by the kernel when the process dies (so a lock is never stale in the kernel's view;
+  the pid and host written into the file only say who held it last);
+- the run files (`metrics.jsonl`, `events.jsonl`) are keyed by step: a start at step s (restored from a
+  checkpoint, or 0 without one) rewrites exactly the rows that it will produce again, so after any kill
+  the files read as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import pathlib
+import socket
+import time
+
+log = logging.getLogger("clt")
+
+LOCK_NAME = ".lock"
+
+
+class WorkdirBusy(RuntimeError):
+    """Another live process holds the workdir's lock."""
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir, held by this process until `release()` or exit.
+
+    `flock` locks belong to the open file description: the kernel drops them when the process dies, even on
+    SIGKILL, so a crashed run never blocks the next one. What the file says (pid, host, start time) is only
+    information: when it names another process, that process has died without releasing, and the takeover
+    is logged with its pid and host."""
+
+    def __init__(self, workdir: str | pathlib.Path):
+        self.path = pathlib.Path(workdir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "WorkdirLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = read_holder(self.path)
+            who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}" if holder else "another process"
+            raise WorkdirBusy(f"workdir {self.path.parent} is in use by {who} (lock {self.path}); wait for that "
+                              f"run to end, stop it, or use another --workdir") from None
+        previous = _parse(os.read(fd, 4096))
+        if previous and (previous.get("pid"), previous.get("host")) != (os.getpid(), socket.gethostname()):
+            log.warning("took over the lock of %s left by pid %s on %s (started %s), which is no longer running",
+                        self.path.parent, previous.get("pid"), previous.get("host"), previous.get("since", "?"))
+        mine = dict(pid=os.getpid(), host=socket.gethostname(),
+                    since=time.strftime("%Y-%m-%d %H:%M:%S"))
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(mine).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _parse(raw: bytes) -> dict:
+    try:
+        out = json.loads(raw.decode() or "{}")
+        return out if isinstance(out, dict) else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+
+
+def read_holder(path: str | pathlib.Path) -> dict:
+    """What a lock file says: {pid, host, since} of its last holder, or {} when absent or unreadable."""
+    try:
+        return _parse(pathlib.Path(path).read_bytes())
+    except OSError:
+        return {}
+
+
+def lock_holder(workdir: str | pathlib.Path) -> dict | None:
+    """The live holder of a workdir's lock ({pid, host, since}), or None when no process holds it.
+
+    Probes with a shared non-blocking flock on a separate descriptor, released at once: it never blocks or
+    disturbs a running run (a holder's exclusive lock makes the probe fail, which is the answer)."""
+    path = pathlib.Path(workdir) / LOCK_NAME
+    if not path.exists():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return read_holder(path) or {"pid": "?", "host": "?"}
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
