@@ -1,9 +1,15 @@
-"""The one Orbax layer: save, restore, resume, init_from, and what a changed plan may change on resume.
+"""The one Orbax layer: save, verify, restore, quarantine, init_from, and what a changed plan may change on resume.
 
 A checkpoint at step s holds the train state after s updates (params, moments, step, loss statistics) and a
-JSON `meta` item: the resolved plan, its digest, the data manifests, init_from and package versions. Orbax
-writes each checkpoint into a temporary folder and renames it when complete, so a crash mid-save never
-corrupts the previous one; a finalised folder that is damaged later is skipped with a warning on resume.
+JSON `meta` item: the resolved plan, its digest, the data manifests, the model's shape, the config, init_from,
+package versions, and a content fingerprint of every array. Orbax writes each checkpoint into a temporary
+folder and renames it when complete, so a crash mid-save never corrupts the previous one.
+
+What can still go wrong is damage after the fact (a truncated or overwritten file, a bad disk, a copy cut
+short). A checkpoint is *damaged* when Orbax cannot read it, when a restored array's fingerprint differs from
+the one recorded at save time, or when it holds a non-finite value; a damaged checkpoint is moved to
+`checkpoints/quarantine/<step>-<reason>` and the previous one is tried. A checkpoint that reads fine but does
+not fit the current model (other shapes or dtypes) is not damage: it is a config error, and nothing is moved.
 
 Restoring goes through an abstract tree carrying the *current* run's shardings, so a checkpoint written on
 one mesh restores onto any other (device count and axis sizes may differ).
@@ -17,10 +23,13 @@ import importlib.metadata
 import json
 import logging
 import pathlib
+import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -30,6 +39,23 @@ from clt.plan import PhasePlan, Plan, resolve
 log = logging.getLogger("clt")
 
 _PACKAGES = ("clt", "jax", "flax", "optax", "orbax-checkpoint", "grain")
+QUARANTINE = "quarantine"
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint that cannot be trusted: unreadable, a fingerprint mismatch, or non-finite values."""
+
+    def __init__(self, step: int, reason: str, detail: str):
+        self.step, self.reason = step, reason
+        super().__init__(f"checkpoint {step}: {reason} ({detail})")
+
+
+class NoUsableCheckpoint(RuntimeError):
+    """Every checkpoint of a workdir was damaged (all moved to quarantine)."""
+
+
+class NonFiniteState(RuntimeError):
+    """A state with NaN/inf values is never written: it would replace good checkpoints."""
 
 
 def versions() -> dict[str, str]:
@@ -47,6 +73,65 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Content fingerprints: detect bytes that changed on disk after a save (Orbax verifies no checksum itself).
+# ----------------------------------------------------------------------------------------------------------
+def _path_key(path: tuple) -> str:
+    """A key path as 'params/layers/1/mlp/...': the same string for a live state and Orbax's metadata tree."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(p for p in parts if p != "value")
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as flat uint32 words (8-byte values give two words, narrower ones are widened)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+def _fingerprint_leaf(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """sum_i w_i * (2i + 1) mod 2^32 over the array's words, and whether every value is finite.
+
+    Integer sums wrap exactly and associate, so the result is the same on any mesh or device count. Any change
+    of a single word changes it (the weights are odd, hence invertible mod 2^32); larger changes collide with
+    probability ~2^-32."""
+    w = _words(x)
+    weights = jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    return jnp.sum(w * weights, dtype=jnp.uint32), finite
+
+
+@jax.jit
+def _fingerprints(leaves: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+    pairs = [_fingerprint_leaf(x) for x in leaves]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def fingerprint(state: Any) -> tuple[dict[str, int], list[str]]:
+    """({array path: fingerprint}, [paths holding non-finite values]) of a (sharded) state, computed on device."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    sums, finite = jax.device_get(_fingerprints([x for _, x in flat]))
+    keys = [_path_key(p) for p, _ in flat]
+    return dict(zip(keys, (int(v) for v in sums))), [k for k, ok in zip(keys, finite) if not bool(ok)]
+
+
+def layout(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{array path: (shape, dtype)} of a state, abstract state or Orbax metadata tree."""
+    return {_path_key(p): (tuple(x.shape), str(np.dtype(x.dtype)))
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class _KeepSteps(ocm.PreservationPolicy):
     """Preserve the steps in a live set: phase ends become known (and grow) after the manager is built, and
     Orbax's CustomSteps copies its steps at construction."""
@@ -59,18 +144,26 @@ class _KeepSteps(ocm.PreservationPolicy):
 
 
 class CheckpointStore:
-    """`<workdir>/checkpoints/<step>`: async saves, keep the latest K plus every phase end."""
+    """`<workdir>/checkpoints/<step>`: async saves, keep the latest K plus every phase end; verified restores."""
 
     def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig, phase_ends: tuple[int, ...] = (),
-                 read_only: bool = False):
+                 read_only: bool = False, typed: bool = True):
+        """`typed`: register the state's and meta's handlers (needed to read the layout before a restore);
+        a partial restore of params alone (init_from) needs an untyped manager."""
         self.directory = pathlib.Path(directory).absolute()
         self.cfg = cfg
         self._last_save_time = time.monotonic()
         self._phase_ends = set(phase_ends)
         preservation = ocm.AnyPreservationPolicy([ocm.LatestN(cfg.keep), _KeepSteps(self._phase_ends)])
+        # cleanup_tmp_directories: a save cut short by a kill or a full disk leaves `*.orbax-checkpoint-tmp*`;
+        # it is never a checkpoint, so the next writer removes it.
         options = ocp.CheckpointManagerOptions(enable_async_checkpointing=cfg.async_save, create=not read_only,
-                                               preservation_policy=preservation, read_only=read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+                                               preservation_policy=preservation, read_only=read_only,
+                                               cleanup_tmp_directories=not read_only)
+        # Registered handlers make the state's metadata (shapes, dtypes) readable before any save or restore.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers if typed else None,
+                                             item_names=None if typed else ("state", "meta"))
 
     def keep_steps(self, steps: tuple[int, ...]) -> None:
         """Steps kept regardless of `keep`: phase ends and branch points (known only after the store opens)."""
@@ -98,28 +191,100 @@ class CheckpointStore:
     def meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+    def quarantined(self) -> list[str]:
+        """Names of the checkpoints moved aside as damaged (`<step>-<reason>`)."""
+        folder = self.directory / QUARANTINE
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
     # ------------------------------------------------------------------------------------------ save / restore
     def save(self, step: int, state: Any, meta: dict, phase_end: bool = False) -> None:
+        """Save asynchronously, recording each array's fingerprint. A non-finite state is refused: written, it
+        would count as the newest good checkpoint and `keep` would delete the good ones."""
+        sums, bad = fingerprint(state)
+        if bad:
+            raise NonFiniteState(f"the train state at step {step} holds non-finite values in {bad[:3]}; "
+                                 f"not saving it (the checkpoints before it are intact)")
         if phase_end:
             self._phase_ends.add(step)
-        meta = dict(meta, step=step, time=time.time(), phase_end=phase_end, versions=versions())
+        meta = dict(meta, step=step, time=time.time(), phase_end=phase_end, versions=versions(), checksums=sums)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          meta=ocp.args.JsonSave(meta)), force=True)
         self._last_save_time = time.monotonic()
 
     def restore(self, step: int, abstract: Any, shardings: Any) -> Any:
+        """The state of checkpoint `step`, unverified (see `restore_verified`)."""
         target = with_shardings(abstract, shardings)
         return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
-    def restore_latest(self, abstract: Any, shardings: Any) -> tuple[int, Any]:
-        """The newest checkpoint that restores; damaged ones are skipped with a warning."""
+    def restore_verified(self, step: int, abstract: Any, shardings: Any,
+                         check_meta: Callable[[dict], None] | None = None) -> tuple[Any, dict]:
+        """(state, meta) of checkpoint `step`, checked in the order that tells damage from a config change:
+        meta readable; `check_meta(meta)` (the caller's config checks: their ConfigErrors pass through); the
+        stored layout equal to `abstract`'s (else a ConfigError); the arrays restore; fingerprints and
+        finiteness hold. Failures of Orbax's reads and of the checks on content raise CheckpointDamaged."""
+        try:
+            meta = self.meta(step)
+        except Exception as e:  # noqa: BLE001 - any failure to read what Orbax wrote is damage
+            raise CheckpointDamaged(step, "meta", f"{type(e).__name__}: {str(e)[:160]}") from None
+        if check_meta is not None:
+            check_meta(meta)
+        try:
+            stored = layout(self.manager.item_metadata(step)["state"])
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointDamaged(step, "metadata", f"{type(e).__name__}: {str(e)[:160]}") from None
+        wanted = layout(abstract)
+        if stored != wanted:
+            diff = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+            k = diff[0]
+            raise ConfigError("model", meta.get("model", {}).get("preset", "?"),
+                              f"checkpoint {step} in {self.directory} holds {k} as {stored.get(k, 'nothing')}, "
+                              f"this config's model needs {wanted.get(k, 'nothing')} ({len(diff)} arrays differ)",
+                              "restore the model fields the run was started with, or use a new --workdir "
+                              "(--init-from ckpt:OLD_WORKDIR loads weights of the same shape only)")
+        try:
+            state = self.restore(step, abstract, shardings)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointDamaged(step, "unreadable", f"{type(e).__name__}: {str(e)[:160]}") from None
+        sums, bad = fingerprint(state)
+        if bad:
+            raise CheckpointDamaged(step, "nonfinite", f"non-finite values in {bad[:3]}")
+        recorded = meta.get("checksums")
+        if recorded is not None:
+            wrong = sorted(k for k in recorded if sums.get(k) != recorded[k])
+            if wrong or recorded.keys() != sums.keys():
+                raise CheckpointDamaged(step, "checksum", f"content differs from what was saved in {wrong[:3]}")
+        return state, meta
+
+    def quarantine(self, step: int, reason: str) -> pathlib.Path:
+        """Move checkpoint `step` to `quarantine/<step>-<reason>` (kept for inspection, never restored)."""
+        dest = self.directory / QUARANTINE / f"{step}-{reason}"
+        n = 1
+        while dest.exists():  # the same step damaged twice (e.g. a run re-saved it): keep both
+            dest = self.directory / QUARANTINE / f"{step}-{reason}-{n}"
+            n += 1
+        if jax.process_index() == 0:
+            dest.parent.mkdir(exist_ok=True)
+            (self.directory / str(step)).rename(dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"clt-quarantine-{step}")
+        self.manager.reload()
+        return dest
+
+    def restore_latest(self, abstract: Any, shardings: Any,
+                       check_meta: Callable[[dict], None] | None = None) -> tuple[int, Any, dict]:
+        """(step, state, meta) of the newest checkpoint that passes `restore_verified`; damaged ones are moved
+        to quarantine with a warning. Raises NoUsableCheckpoint when none is left."""
         for step in reversed(self.steps()):
             try:
-                return step, self.restore(step, abstract, shardings)
-            except Exception as e:  # a damaged checkpoint must not end the run while an older one is good
-                log.warning("checkpoint %d in %s is incomplete or damaged (%s: %s); trying the previous one",
-                            step, self.directory, type(e).__name__, str(e)[:200])
-        raise FileNotFoundError(f"no usable checkpoint in {self.directory}")
+                state, meta = self.restore_verified(step, abstract, shardings, check_meta)
+                return step, state, meta
+            except CheckpointDamaged as e:
+                dest = self.quarantine(step, e.reason)
+                log.warning("checkpoint %d is damaged (%s); moved to %s, trying the previous one", step, e, dest)
+        raise NoUsableCheckpoint(f"no usable checkpoint in {self.directory}: every one was damaged and moved to "
+                                 f"{self.directory / QUARANTINE} ({', '.join(self.quarantined())}); inspect them, "
+                                 f"or start over in a new --workdir")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -216,7 +381,7 @@ def load_init_weights(spec: str, abstract_params: Any, shardings: Any, cfg: Chec
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not directory.is_dir():
         raise ConfigError("model.init_from", spec, f"no checkpoints at {directory}", "give a clt workdir")
-    store = CheckpointStore(directory, cfg, read_only=True)
+    store = CheckpointStore(directory, cfg, read_only=True, typed=False)
     steps = store.steps()
     if not steps or (step is not None and step not in steps):
         raise ConfigError("model.init_from", spec, f"no checkpoint {step if step is not None else ''} in "
@@ -233,6 +398,12 @@ def load_init_weights(spec: str, abstract_params: Any, shardings: Any, cfg: Chec
     finally:
         store.close()
     return restored["params"]
+
+
+def remove_partial_saves(directory: str | pathlib.Path) -> None:
+    """Delete the temporary folders of saves that did not complete (after a failed run, before exit)."""
+    for tmp in pathlib.Path(directory).glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def describe(store: CheckpointStore) -> list[dict]:
@@ -252,8 +423,15 @@ def describe(store: CheckpointStore) -> list[dict]:
     tmp = [p.name for p in store.directory.glob("*.orbax-checkpoint-tmp*")]
     for name in tmp:
         rows.append(dict(step=name, phase="?", time="?", size_mb=0, phase_end=False, complete=False))
+    for name in store.quarantined():
+        rows.append(dict(step=f"{QUARANTINE}/{name}", phase="?", time="?", size_mb=0, phase_end=False,
+                         complete=False))
     return rows
 
 
 def meta_json(meta: dict) -> str:
-    return json.dumps(meta, indent=1, default=str)
+    """A checkpoint's meta for people: the per-array fingerprints are summarised as their count."""
+    shown = dict(meta)
+    if "checksums" in shown:
+        shown["checksums"] = f"{len(shown['checksums'])} arrays"
+    return json.dumps(shown, indent=1, default=str)

@@ -4,6 +4,8 @@ line (`clt: error: ...`) and exit 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
 from typing import Sequence
 
@@ -15,8 +17,34 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError]
     from clt.data.prepare import PrepareError
     from clt.data.shards import ShardError
-    errors += [PrepareError, ShardError]
+    from clt.resume import WorkdirBusy
+    errors += [PrepareError, ShardError, WorkdirBusy]
     return tuple(errors)
+
+
+# errno values that mean "the storage refused the write": fix the disk, then rerun the same command.
+_STORAGE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit",
+                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                   errno.EPERM: "permission denied", errno.ENOENT: "file vanished"}
+_STORAGE_TEXTS = {"No space left": "disk full", "File too large": "file size limit",
+                  "Read-only file system": "read-only file system", "Disk quota": "disk quota exceeded"}
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """A one-line description when `exc` (or an exception it wraps: Orbax and tensorstore re-raise their
+    own) is the storage refusing a write or losing a file; None for anything else."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+            where = f" at {exc.filename}" if exc.filename else ""
+            return f"{_STORAGE_ERRNOS[exc.errno]}{where} ({exc.strerror})"
+        text = str(exc)
+        for needle, what in _STORAGE_TEXTS.items():
+            if needle in text:
+                return f"{what}: {text.splitlines()[0][:240]}"
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,12 +111,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _setup_logging()
     cfg = config.load(args.config, args.overrides)
+    from clt.checkpoint import NoUsableCheckpoint
+
     try:
         result = train.train(cfg, args.workdir, init_from=args.init_from,
                              accept_changed_past=args.accept_changed_past, progress=not args.quiet)
     except train.StopRun as e:
-        print(f"clt: run stopped: {e} (checkpoint saved in {args.workdir}/checkpoints)", file=sys.stderr)
+        print(f"clt: run stopped: {e} (checkpoints in {args.workdir}/checkpoints)", file=sys.stderr)
         return 1
+    except NoUsableCheckpoint as e:
+        print(f"clt: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - storage faults are one line; anything else keeps its traceback
+        problem = storage_problem(e)
+        if problem is None:
+            raise
+        print(f"clt: error: {problem}; nothing partial was kept: fix the storage and rerun the same command to "
+              f"resume from the last checkpoint", file=sys.stderr)
+        return 1
+    if result.get("already_finished"):
+        print(f"already finished at step {result['final_step']}: nothing to do ({args.workdir})")
+        return 0
     if result.get("stopped") == "preempted":
         print(f"preempted at step {result['final_step']}: resume with "
               f"`clt train {args.config} --workdir {args.workdir}` (same overrides)")
@@ -270,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A file-size limit (ulimit -f) must fail the write with EFBIG, not kill the process mid-save.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may follow options (`--steps 100 peak=1e-3`); anything else is a usage error.

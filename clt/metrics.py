@@ -20,13 +20,24 @@ def _clean(v: Any) -> Any:
 
 
 class JsonlWriter:
+    """Appends one JSON object per line, each line whole or not at all: a write the disk refuses halfway is
+    cut back off before the error propagates, so a full disk never leaves a torn line behind."""
+
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "ab", buffering=0)
 
     def write(self, row: dict) -> None:
-        self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        data = (json.dumps({k: _clean(v) for k, v in row.items()}) + "\n").encode()
+        start = self._file.seek(0, 2)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._file.write(view):]
+        except OSError:
+            self._file.truncate(start)
+            raise
 
     def close(self) -> None:
         self._file.close()
@@ -57,8 +68,11 @@ def truncate_from(path: str | pathlib.Path, step: int, keep: Callable[[dict], bo
         return
     rows = [r for r in iter_jsonl(p) if r.get("step", -1) < step or (keep is not None and keep(r))]
     tmp = p.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(p)
+    try:  # written aside and renamed: a kill or a full disk leaves the old file whole and no .tmp behind
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(p)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class TensorBoardSink:

@@ -155,3 +155,25 @@ class GapMonitor:
                 out.append(dict(base, event="alert", alert="forgetting", value=rise,
                                 message=f"forgetting {rise:.3f} > {cfg.forgetting_alert} on {where}"))
         return out
+
+
+def describe_event(event: dict) -> str | None:
+    """The console line of a stability event (None for other events): what a person watching the run needs
+    when a switch's window closes, a domain recovers, or a phase ends."""
+    if event.get("event") != "stability":
+        return None
+    where = f"{event['domain']} after the switch at step {event['switch_step']} ({event['phase']})"
+    if "gap" in event:
+        rec = event.get("recovery_steps")
+        back = ("no gap" if rec == 0 else f"recovered in {rec} steps" if rec is not None else "not recovered yet")
+        return (f"stability: {where}: gap {event['gap']:+.3f} nats at step {event['gap_step']} "
+                f"(baseline {event['baseline']:.3f}); {back}")
+    if "delta_end" in event:
+        if "forgetting" in event:
+            what = f"forgetting {event['forgetting']:+.3f}"
+        elif "adaptation" in event:
+            what = f"adaptation {event['adaptation']:+.3f}"
+        else:
+            what = f"change {event['delta_end']:+.3f}"
+        return f"phase {event['phase']} end: {event['domain']} {what} nats vs its baseline at step {event['switch_step']}"
+    return f"stability: {where}: recovered in {event['recovery_steps']} steps"

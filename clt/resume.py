@@ -116,3 +116,59 @@ def lock_holder(workdir: str | pathlib.Path) -> dict | None:
         return None
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run files: keyed by step, rewritten from the step a (re)start begins at.
+# ----------------------------------------------------------------------------------------------------------
+# Events that record the run's own history rather than its content: a restart never produces them again.
+HISTORY_EVENTS = ("resume", "preempted", "stopped", "quarantine", "config_change")
+
+
+def kept_on_restart(start: int, row: dict) -> bool:
+    """Whether a row at or after `start` survives a restart at `start`: history events, and what was written
+    at `start` itself before its checkpoint was saved (the checkpoint event, a branch's release rows), which
+    the restarted run does not redo. Everything else at or after `start` is produced again."""
+    if row.get("event") in HISTORY_EVENTS:
+        return True
+    return start > 0 and row.get("step") == start and (
+        row.get("event") in ("checkpoint", "release") or any(k.startswith("release/") for k in row))
+
+
+def rewrite_run_files(workdir: str | pathlib.Path, start: int) -> None:
+    """Drop the rows of `metrics.jsonl` and `events.jsonl` that a run starting at `start` writes again (and
+    any line torn by a kill), so that after any number of restarts the files read as one uninterrupted run."""
+    from clt.metrics import truncate_from
+
+    wd = pathlib.Path(workdir)
+    for name in ("metrics.jsonl", "events.jsonl"):
+        truncate_from(wd / name, start, keep=lambda row: kept_on_restart(start, row))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k not in ("domains",):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# Plan-defining fields are checked by the resume-plan rules (checkpoint.check_resume_plan), the model's shape
+# by the checkpoint's layout, and debug switches are per invocation: none of them is a "setting change".
+_NOT_SETTINGS = ("phases", "budget", "debug", "model.init_from")
+
+
+def config_changes(old: dict, new: dict) -> dict[str, list]:
+    """{dotted field: [old, new]} between the config a checkpoint was saved with and this run's, for the
+    fields a resume may change freely (optim.*, checkpoint.*, monitor.*, log.*, mesh.*, eval settings, ...)."""
+    a, b = _flatten(old), _flatten(new)
+    changed = {}
+    for k in sorted(a.keys() | b.keys()):
+        if any(k == p or k.startswith(p + ".") for p in _NOT_SETTINGS):
+            continue
+        if a.get(k) != b.get(k):
+            changed[k] = [a.get(k), b.get(k)]
+    return changed

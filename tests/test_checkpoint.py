@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import smoke_overrides
 
-from clt import checkpoint, config, sharding, train
+from clt import checkpoint, config, resume, sharding, train
 from clt.config import ConfigError
 from clt.metrics import read_jsonl
 from clt.model import resolve_dims
@@ -38,9 +38,9 @@ def comparable_metrics(wd):
 
 
 def comparable_events(wd):
-    """Events of the run itself: what a resume adds (resume/preempted records, times) left out."""
+    """Events of the run itself: what a restart adds (resume, preempted, quarantine... records, times) left out."""
     return [{k: v for k, v in e.items() if k != "time"} for e in read_jsonl(wd / "events.jsonl")
-            if e["event"] not in ("resume", "preempted")]
+            if e["event"] not in resume.HISTORY_EVENTS]
 
 
 def assert_same_run(a, b):
@@ -72,7 +72,8 @@ def test_damaged_checkpoint_is_skipped(demo_data, reference, tmp_path, caplog):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(b"")  # truncate the array data, as a kill mid-copy would
     train.train(config.load("configs/smoke.py", smoke_overrides(demo_data)), str(tmp_path), progress=False)
-    assert "checkpoint 10" in caplog.text and "trying the previous one" in caplog.text
+    assert "checkpoint 10 is damaged" in caplog.text and "trying the previous one" in caplog.text
+    assert [p.name for p in (tmp_path / "checkpoints" / "quarantine").iterdir()] == ["10-metadata"]
     assert_same_run(reference, tmp_path)
 
 
