@@ -163,6 +163,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Where a run stands (running, finished, stopped, preempted, interrupted), from its workdir; no jax."""
+    import json
+
+    from clt import status
+
+    st = status.read_status(args.workdir)
+    print(json.dumps(st) if args.json else status.format_status(st))
+    return 0
+
+
 def cmd_ckpt(args: argparse.Namespace) -> int:
     import logging
     import pathlib
@@ -296,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workdir")
     p.add_argument("--out", help="folder for the report (default: WORKDIR/report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("status", help="where a run stands: state, step, phase, losses, checkpoint, alerts, ETA")
+    p.add_argument("workdir")
+    p.add_argument("--json", action="store_true", help="one JSON object (for scripts)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("ckpt", help="list or describe a run's checkpoints")
     p.add_argument("action", choices=["ls", "info"])

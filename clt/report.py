@@ -14,7 +14,6 @@ from clt.metrics import read_jsonl
 from clt.mixture import MixtureSchedule, slot_names
 from clt.monitor import eval_curves, stability, switch_windows
 from clt.plan import Plan, Segment
-from clt.schedule import lr_at
 
 
 def _fmt_count(n: float) -> str:
@@ -84,6 +83,8 @@ def plan_curves(plan: Plan, max_points: int | None = None) -> tuple[np.ndarray, 
     if max_points and len(steps) > max_points:
         steps = np.unique(np.concatenate([np.linspace(0, plan.total_steps - 1, max_points).astype(int),
                                           [p.start for p in plan.phases]]))
+    from clt.schedule import lr_at  # jax: imported here, so `clt status` (which reads runs with Run) stays fast
+
     lr = np.asarray(lr_at(plan, steps))
     mix = MixtureSchedule(plan)
     weights = np.stack([mix.weights_at(int(s)) for s in steps])
