@@ -456,6 +456,10 @@ class LogConfig:
 class DebugConfig:
     preempt_at_step: int = -1
     """Send this process SIGTERM after this step (tests preemption without timing); -1 = off."""
+    kill_at_step: int = -1
+    """SIGKILL this process after this step's update, before its checkpoint (fault tests); -1 = off."""
+    kill_in_save: bool = False
+    """With kill_at_step: SIGKILL right after that step's checkpoint save has started, before it completes."""
 
     def check(self, path: str) -> None:
         pass

@@ -491,6 +491,8 @@ def _train(cfg: Config, wd: pathlib.Path, accept_changed_past: bool, progress: b
             store.save(step, state, meta=dict(meta, phase=phase), phase_end=kind == "phase_end")
         except ckpt_lib.NonFiniteState as e:
             raise StopRun(str(e)) from None
+        if cfg.debug.kill_in_save and cfg.debug.kill_at_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault tests: a kill while the save is being written
         if is_main:
             log.info("checkpoint %d (%s) saving to %s", step, kind.replace("_", " "), store.directory / str(step))
 
@@ -574,6 +576,8 @@ def _train(cfg: Config, wd: pathlib.Path, accept_changed_past: bool, progress: b
                                       f"step {step}; the checkpoint holds the last good state: lower the LR or inspect "
                                       "the data")
 
+                if cfg.debug.kill_at_step == done and not cfg.debug.kill_in_save:
+                    os.kill(os.getpid(), signal.SIGKILL)  # fault tests: a kill between an update and its save
                 if done == p.end and p.schedule.kind == "infinite" and p.schedule.branch:
                     state = release_and_rewind(p, state)
                 if done == p.end or done == total:
