@@ -165,7 +165,10 @@ def describe_event(event: dict) -> str | None:
     where = f"{event['domain']} after the switch at step {event['switch_step']} ({event['phase']})"
     if "gap" in event:
         rec = event.get("recovery_steps")
-        back = ("no gap" if rec == 0 else f"recovered in {rec} steps" if rec is not None else "not recovered yet")
+        if rec == 0:
+            return (f"stability: {where}: no gap (largest change {event['gap']:+.3f} nats, at step "
+                    f"{event['gap_step']}; baseline {event['baseline']:.3f})")
+        back = f"recovered in {rec} steps" if rec is not None else "not recovered yet"
         return (f"stability: {where}: gap {event['gap']:+.3f} nats at step {event['gap_step']} "
                 f"(baseline {event['baseline']:.3f}); {back}")
     if "delta_end" in event:

@@ -17,6 +17,7 @@ the data of earlier phases; `replay_buffer.load` points a new run at an exported
 from __future__ import annotations
 
 import functools
+import logging
 import json
 import pathlib
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from clt.data.pipeline import example_index
 from clt.data.shards import DomainData, staged_directory, token_dtype
 from clt.mixture import MixtureSchedule
 from clt.plan import Plan
+
+log = logging.getLogger("clt")
 
 FORMAT = 1
 _FILES = ("tokens.bin", "domain.npy", "draw.npy", "index.json")
@@ -149,6 +152,15 @@ class BufferSnapshot:
         """(domain name, draw) -> row, to carry entries whose data is gone into the next snapshot."""
         return {(self.domains[int(d)], int(k)): i for i, (d, k) in enumerate(zip(self.domain, self.draw))}
 
+    def holds(self, res: Reservoir, plan: Plan) -> bool:
+        """Whether this snapshot materialises exactly `res` (same slots: domain names and draws) for `plan`."""
+        if (self.capacity, int(self.index["seen"]), self.seq_len, self.index.get("seed")) != (
+                res.capacity, res.seen, plan.seq_len, plan.seed) or self.fill != res.fill:
+            return False
+        names = np.array(self.domains, dtype=object)[self.domain] if self.fill else np.array([], dtype=object)
+        wanted = np.array(plan.domains, dtype=object)[res.domain[:res.fill]] if res.fill else names
+        return bool(np.array_equal(names, wanted) and np.array_equal(self.draw, res.draw[:res.fill]))
+
     def check_compatible(self, seq_len: int, vocab_size: int, tokenizer: str) -> None:
         """A loaded buffer must match the run: same sequence length and tokenizer."""
         if self.seq_len != seq_len:
@@ -207,10 +219,11 @@ class ReplayBuffer:
         return sorted(int(p.name.split("-")[1]) for p in self.root.glob("step-*") if (p / "index.json").exists())
 
     def snapshot(self, step: int) -> BufferSnapshot:
-        """The buffer after `step` updates, materialised on first use."""
+        """The buffer after `step` updates, materialised on first use. A snapshot on disk is reused only when
+        it holds exactly the reservoir this plan gives at `step` (a run restarted with another plan or seed, or
+        --accept-changed-past, makes it stale); a stale one is rebuilt (which needs its data to exist)."""
         path = self.root / f"step-{step}"
-        if (path / "index.json").exists():
-            return BufferSnapshot(path)
+        existing = BufferSnapshot(path) if (path / "index.json").exists() else None
         earlier = [s for s in self.snapshot_steps() if s < step]
         previous = BufferSnapshot(self.root / f"step-{earlier[-1]}") if earlier else None
         start = None
@@ -221,4 +234,9 @@ class ReplayBuffer:
             res0.domain[:previous.fill], res0.draw[:previous.fill] = index_now[previous.domain], previous.draw
             start = (earlier[-1], res0)
         res = reservoir_at(self.plan, self.capacity, step, start, self.mixture)
+        if existing is not None:
+            if existing.holds(res, self.plan):
+                return existing
+            log.warning("replay snapshot %s does not match this plan (another seed, plan or capacity); rebuilding",
+                        path)
         return materialise(res, self.plan, step, self.data, previous, path)

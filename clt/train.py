@@ -319,6 +319,7 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
 
 def _train(cfg: Config, wd: pathlib.Path, accept_changed_past: bool, progress: bool) -> dict:
     is_main = jax.process_index() == 0
+    plan = resolve(cfg)  # first: a config error must not wait for the devices, the data or the model
     # ---------------------------------------------------------------------------------------------- Mesh and data
     mesh = sharding.make_mesh(cfg.mesh)
     log.info("mesh %s over %d %s devices (%d processes)", dict(mesh.shape), mesh.size, jax.default_backend(),
@@ -343,7 +344,6 @@ def _train(cfg: Config, wd: pathlib.Path, accept_changed_past: bool, progress: b
     # Priority: 1. this workdir's newest good checkpoint (damaged ones go to quarantine); 2. init_from weights
     # with a fresh optimizer at step 0; 3. fresh initialisation from the seed.
     store = ckpt_lib.CheckpointStore(wd / "checkpoints", cfg.checkpoint)
-    plan = resolve(cfg)
     resumed: dict = {}
 
     def check_meta(meta: dict) -> None:  # the config checks of a candidate checkpoint, before its arrays load
