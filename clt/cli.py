@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
+import os
+import pathlib
+import re
 import signal
 import sys
 from typing import Sequence
@@ -51,21 +55,64 @@ def storage_problem(exc: BaseException) -> str | None:
 # Verbs.
 # ----------------------------------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
-    from clt import config, plan, report
+    """The resolved plan, after every check that needs no data: model shape, schedules, and with `--devices N`
+    the mesh and batch sizes on a machine of N devices (without it, what needs no device count)."""
+    from clt import config, plan, report, sharding
 
     cfg = config.load(args.config, args.overrides)
     resolved = plan.resolve(cfg)
+    if args.devices is not None and args.devices < 1:
+        raise ConfigError("--devices", args.devices, "a machine has at least one device",
+                          "give the target machine's device count, e.g. --devices 8")
+    sharding.check_layout(cfg, resolved, args.devices)
     if args.csv:
         print(report.plan_csv(resolved))
         return 0
     total_tokens = resolved.total_rows * resolved.seq_len
     print(f"plan {resolved.digest()}: {len(resolved.phases)} phases, {resolved.total_steps} steps, "
           f"{report._fmt_count(total_tokens)} tokens (seq_len {resolved.seq_len}, seed {resolved.seed})")
-    print(report.format_table(report.plan_rows(resolved)))
+    rows = report.plan_rows(resolved, wide=args.wide)
+    print(report.format_table(rows) if args.wide else report.format_table(rows, max_width=120, cut=report.PLAN_CUT))
     if args.plot:
         report.plot_plan(resolved, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+# `clt schedule` builds a one-phase plan; its errors are renamed to what the user typed.
+_SCHEDULE_PATHS = {"phases.segment.steps": "--steps", "phases.0.steps": "--steps", "batch_size": "--batch-size",
+                   "data.seq_len": "--seq-len", "phases.segment.schedule": "schedule", "phases.0.schedule": "schedule"}
+
+
+def _schedule_key(path: str) -> str:
+    for prefix in ("phases.segment.schedule.", "phases.0.schedule."):
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return _SCHEDULE_PATHS.get(path, path)
+
+
+def schedule_base(name: str | None, overrides: Sequence[str]) -> dict:
+    """What NAME means on the command line: a preset in schedules/ when there is one (as a config's
+    `schedule="NAME"` does), else a built-in kind. `kind=KIND` without NAME is the bare kind, also for the
+    kinds that share a name with a preset (cosine, constant, power)."""
+    import difflib
+
+    from clt import config
+
+    presets = config.preset_names("schedules")
+    if name is None:
+        if not any(o.partition("=")[0].strip() == "kind" for o in overrides):
+            raise ConfigError("NAME", None, "no schedule given",
+                              "name a preset or a kind (clt schedule cosine --steps 1000), or give kind=KIND")
+        return {}
+    if name in presets:
+        return {"preset": name}
+    if name in config.SCHEDULE_KINDS:
+        return {"kind": name}
+    close = difflib.get_close_matches(name, presets + list(config.SCHEDULE_KINDS), n=1)
+    raise ConfigError("NAME", name, "neither a preset in schedules/ nor a built-in kind",
+                      f"did you mean {close[0]!r}?" if close else
+                      f"use a preset ({', '.join(presets)}) or a kind ({', '.join(config.SCHEDULE_KINDS)})")
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
@@ -75,11 +122,16 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from clt import config, plan, report
     from clt.schedule import lr_at
 
-    base = dict(kind=args.kind) if args.kind in config.SCHEDULE_KINDS else dict(preset=args.kind)
-    sched = config.apply_overrides(base, args.overrides)  # the same key=value grammar as config overrides
+    name, overrides = args.name, list(args.overrides)
+    if name is not None and "=" in name:  # `clt schedule kind=cosine ...`: the first override, no NAME
+        name, overrides = None, [name, *overrides]
+    sched = config.apply_overrides(schedule_base(name, overrides), overrides)  # the config override grammar
     raw = dict(data=dict(domains={"all": "-"}, seq_len=args.seq_len), batch_size=args.batch_size,
                phases=(dict(name="segment", steps=args.steps, mixture={"all": 1.0}, schedule=sched),))
-    resolved = plan.resolve(config.from_dict(raw))
+    try:
+        resolved = plan.resolve(config.from_dict(raw))
+    except ConfigError as e:
+        raise ConfigError(_schedule_key(e.path), e.value, e.problem, e.fix) from None
     steps = np.arange(args.steps)
     lr = np.asarray(lr_at(resolved, steps))
     if args.plot:
@@ -92,25 +144,80 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from clt import report
     from clt.data import prepare
 
+    if not 0 <= args.eval_fraction < 1:
+        raise ConfigError("--eval-fraction", args.eval_fraction, "must be in [0, 1)", "use e.g. 0.05")
     if args.what == "demo":
-        summary = prepare.prepare_demo(args.out, progress=not args.quiet)
+        if args.files:
+            raise ConfigError("FILE", args.files[0], "`clt prepare demo` reads no files (its text comes with Python)",
+                              "drop the files, or use `clt prepare text --domain NAME --out DIR FILE...`")
+        summaries = list(prepare.prepare_demo(args.out, progress=not args.quiet).values())
     else:
         if not args.domain:
             raise ConfigError("--domain", None, "`clt prepare text` needs a domain name", "add --domain NAME")
-        summary = prepare.prepare_text(args.files, domain=args.domain, tokenizer=args.tokenizer, out=args.out,
-                                       eval_fraction=args.eval_fraction, split=args.split,
-                                       progress=not args.quiet)
-    print(f"wrote {args.out}: {summary}")
+        if not args.files:
+            raise ConfigError("FILE", None, "no input files", "list UTF-8 text files after the options")
+        for f in map(pathlib.Path, args.files):
+            if f.is_dir():
+                raise ConfigError("FILE", str(f), "is a folder", "pass the text files in it (e.g. DIR/*.txt)")
+            if not f.is_file():
+                raise ConfigError("FILE", str(f), "no such file", "check the path")
+        if args.tokenizer != "byte" and not pathlib.Path(args.tokenizer).is_file():
+            raise ConfigError("--tokenizer", args.tokenizer, "no such file",
+                              "give byte or the path of a Hugging Face tokenizer.json")
+        summaries = [prepare.prepare_text(args.files, domain=args.domain, tokenizer=args.tokenizer, out=args.out,
+                                          eval_fraction=args.eval_fraction, split=args.split,
+                                          progress=not args.quiet)]
+    tokenizers = sorted({sm["tokenizer"] for sm in summaries})
+    where = args.out if args.what == "text" else f"{args.out}/{{{','.join(sm['domain'] for sm in summaries)}}}"
+    print(f"prepared {len(summaries)} domain{'s' if len(summaries) > 1 else ''} (tokenizer {', '.join(tokenizers)}): "
+          f"{where}")
+    print(report.format_table(prepare.summary_rows(summaries)))
     return 0
 
 
+def check_workdir(path: str) -> None:
+    """A --workdir that can hold a run: a folder (or creatable as one) that this process may write to."""
+    wd = pathlib.Path(path)
+    if wd.exists() and not wd.is_dir():
+        raise ConfigError("--workdir", path, "is a file, not a folder", "give a folder (it is created when missing)")
+    existing = next(p for p in (wd, *wd.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError("--workdir", path, f"cannot be created: {existing} is a file", "give a path outside it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not writable" if existing == wd else f"cannot be created: {existing} is not writable"
+        raise ConfigError("--workdir", path, where, "fix its permissions or give another folder")
+
+
+def check_init_source(spec: str, path: str) -> None:
+    """`ckpt:DIR[@STEP]` whose DIR exists, before anything heavy (the restore itself checks the rest)."""
+    from clt import config
+
+    config.check_init_from(spec, path)
+    kind, _, rest = spec.partition(":")
+    folder = re.sub(r"@\d+$", "", rest) if kind == "ckpt" else rest
+    if spec and not pathlib.Path(folder).is_dir():
+        raise ConfigError(path, spec, f"no such folder {folder}", "give the --workdir of a clt run")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from clt import config, train
+    from clt import config
+    from clt.metrics import TensorBoardSink
 
     _setup_logging()
     cfg = config.load(args.config, args.overrides)
+    # Everything the user can get wrong is checked before jax starts and the data is read.
+    check_workdir(args.workdir)
+    if args.init_from:
+        check_init_source(args.init_from, "--init-from")
+    elif cfg.model.init_from:
+        check_init_source(cfg.model.init_from, "model.init_from")
+    if cfg.log.tensorboard:
+        TensorBoardSink.require()
+
+    from clt import train
     from clt.checkpoint import NoUsableCheckpoint
 
     try:
@@ -141,25 +248,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a line is logged (pytest and notebooks swap it between runs)."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
 def _setup_logging() -> None:
     """clt's log lines on stderr; absl (imported by jax/orbax) owns the root logger, so clt gets its own."""
-    import logging
-
     logger = logging.getLogger("clt")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
 
 
+def _quiet_libraries() -> None:
+    """Read-only verbs print their answer only: absl (orbax's logger) warns, e.g. that a manager is read-only,
+    and XLA's C++ logs start with the backend. Called before those libraries are imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # absl comes with jax; without it there is nothing to quiet
+        pass
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """report.md, stability.json and PNGs of a run, finished or in progress, from its workdir alone."""
+    _quiet_libraries()
     from clt import report
 
     print(report.write_report(args.workdir, out=args.out))
-    return 0
     return 0
 
 
@@ -175,11 +298,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
-    import logging
-    import pathlib
-
-    logging.getLogger("absl").setLevel(logging.ERROR)  # read-only managers warn about being read-only
-
+    _quiet_libraries()  # read-only managers warn about being read-only
     from clt import checkpoint, config, report
 
     directory = pathlib.Path(args.workdir) / "checkpoints"
@@ -205,14 +324,12 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     """`clt replay export WORKDIR OUT` and `clt replay info PATH` (an exported buffer or a workdir)."""
     import json
-    import logging
-    import pathlib
     import shutil
 
+    _quiet_libraries()
     from clt import checkpoint, config, plan, replay
     from clt.data.shards import DomainData
 
-    logging.getLogger("absl").setLevel(logging.ERROR)
     path = pathlib.Path(args.path)
     if args.action == "export" and not args.out:
         raise ConfigError("OUT", None, "`clt replay export` needs a destination", "clt replay export WORKDIR OUT")
@@ -259,21 +376,58 @@ def cmd_replay(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # Parser.
 # ----------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def versions() -> str:
+    """`clt --version`: clt and the libraries whose versions decide numerics and checkpoint formats."""
+    import importlib.metadata
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            if dist == "clt":  # run from a source tree that was never installed
+                from clt import __version__
+                return __version__
+            return "not installed"
+
+    libs = ", ".join(f"{d} {version(d)}" for d in ("jax", "flax", "orbax-checkpoint"))
+    return f"clt {version('clt')} ({libs})"
+
+
+class _Version(argparse.Action):
+    """Prints `versions()` on one line (argparse's own version action wraps long lines)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the clt, jax, flax and orbax versions")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions())
+        parser.exit()
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (verbs listed in its help) and each verb's own parser, by verb."""
     ap = argparse.ArgumentParser(prog="clt", description="Continual pre-training orchestrator.")
-    sub = ap.add_subparsers(dest="verb", required=True)
+    ap.add_argument("--version", action=_Version)
+    sub = ap.add_subparsers(dest="verb", metavar="VERB")
 
     p = sub.add_parser("plan", help="show a config's resolved phase plan")
     p.add_argument("action", choices=["show"])
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. phases.shift.replay=0.25")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, anywhere after the verb, e.g. phases.shift.replay=0.25")
     p.add_argument("--csv", action="store_true", help="one row per step: step,phase,lr,w/<domain>...")
     p.add_argument("--plot", metavar="FILE.png", help="draw LR and mixture weights over steps")
+    p.add_argument("--wide", action="store_true", help="every column and full schedules (default: fits 120 columns)")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="also check the mesh and batch sizes for a machine of N devices")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("schedule", help="show one LR segment (a built-in kind or a preset)")
-    p.add_argument("kind", help="constant|linear|cosine|inverse_sqrt|wsd|infinite|power or a schedules/ preset")
-    p.add_argument("overrides", nargs="*", help="schedule fields, e.g. peak=1e-3 warmup=0.1")
+    p = sub.add_parser("schedule", help="show one LR segment (a schedules/ preset or a built-in kind)")
+    p.add_argument("name", nargs="?", metavar="NAME",
+                   help="a preset in schedules/ (cosine, power, ...), else a kind: constant|linear|cosine|"
+                        "inverse_sqrt|wsd|infinite|power; leave it out and give kind=KIND for the bare kind")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="schedule fields, e.g. peak=1e-3 warmup=0.1 (kind=cosine)")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch-size", type=int, default=32, help="for the power schedule's token count")
     p.add_argument("--seq-len", type=int, default=1024, help="for the power schedule's token count")
@@ -283,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenize text into clt shards")
     p.add_argument("what", choices=["text", "demo"])
-    p.add_argument("files", nargs="*")
+    p.add_argument("files", nargs="*", metavar="FILE")
     p.add_argument("--out", required=True)
     p.add_argument("--domain")
     p.add_argument("--tokenizer", default="byte", help="byte, or a Hugging Face tokenizer.json")
@@ -295,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a config's phase plan (resumes from the workdir's checkpoints)")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for `clt plan show`")
     p.add_argument("--workdir", required=True)
     p.add_argument("--init-from", help="weights of another clt run: ckpt:WORKDIR or ckpt:WORKDIR@STEP")
     p.add_argument("--accept-changed-past", action="store_true",
@@ -317,7 +471,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["ls", "info"])
     p.add_argument("workdir")
     p.add_argument("--step", type=int)
-    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_ckpt)
 
     p = sub.add_parser("replay", help="export or inspect a run's persistent replay buffer")
@@ -325,20 +478,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="export: the run's workdir; info: a workdir or an exported buffer")
     p.add_argument("out", nargs="?", help="export: the folder to write")
     p.set_defaults(func=cmd_replay)
-    return ap
+    return ap, dict(sub.choices)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Options and positionals in any order, for every verb (`clt prepare text --out D --domain x a.txt` and
+    `clt prepare text a.txt --out D --domain x` are the same), `key=value` overrides anywhere after the verb.
+
+    argparse's intermixed parsing does not support subparsers, so the verb is found here and the rest is
+    parsed by that verb's own parser."""
+    top, verbs = build_parser()
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if at is None or argv[at] not in verbs:
+        top.parse_args(argv)  # --version, --help, a misspelt verb: argparse answers and exits
+        top.error("give a verb: " + ", ".join(verbs))
+    top.parse_args(argv[:at])  # options before the verb (only --version / --help exist)
+    args = verbs[argv[at]].parse_intermixed_args(argv[at + 1:])
+    args.verb = argv[at]
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     # A file-size limit (ulimit -f) must fail the write with EFBIG, not kill the process mid-save.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # `key=value` overrides may follow options (`--steps 100 peak=1e-3`); anything else is a usage error.
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
-        args.overrides = list(args.overrides) + extra
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except _user_errors() as e:

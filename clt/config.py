@@ -35,7 +35,8 @@ class ConfigError(ValueError):
     """A bad config value: `path = value: problem; fix`."""
 
     def __init__(self, path: str, value: Any, problem: str, fix: str = ""):
-        self.path, self.value = path, value
+        # Kept apart so a caller can re-raise under the name the user typed (see cli.cmd_schedule).
+        self.path, self.value, self.problem, self.fix = path, value, problem, fix
         msg = f"{path} = {value!r}: {problem}" if path else problem
         super().__init__(msg + (f"; {fix}" if fix else ""))
 
@@ -80,8 +81,25 @@ def normalise_mixture(raw: Any, path: str) -> Mixture:
 
 
 def _did_you_mean(name: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
+    options = list(options)
+    if not options:  # "valid keys: " followed by nothing helps nobody
+        return "none are declared yet"
+    close = difflib.get_close_matches(name, options, n=1)
     return f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(options))}"
+
+
+def check_init_from(value: str, path: str) -> None:
+    """`ckpt:WORKDIR[@STEP]` or `hf:DIR`; a bare folder gets the prefixed spelling as its fix.
+
+    Shared by `model.init_from` and `clt train --init-from`, which must reject the same values."""
+    kind, sep, rest = value.partition(":")
+    if not value or (sep and kind in ("ckpt", "hf") and rest):
+        return
+    if sep and kind in ("ckpt", "hf"):
+        raise ConfigError(path, value, "names no folder", f"write {kind}:DIR")
+    raise ConfigError(path, value, "not a weights source: it needs the ckpt: prefix (or hf:)",
+                      f"write ckpt:{value} for the latest checkpoint of the clt run in {value}, "
+                      f"ckpt:{value}@STEP for one of its steps")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,9 +296,7 @@ class ModelConfig:
                 raise ConfigError(f"{path}.{name}", getattr(self, name), "unknown dtype", f"use one of {allowed}")
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"{path}.remat", self.remat, "unknown remat policy", "use none, full or dots")
-        if self.init_from and not re.match(r"^(ckpt|hf):.+", self.init_from):
-            raise ConfigError(f"{path}.init_from", self.init_from, "unknown source",
-                              'use "ckpt:WORKDIR", "ckpt:WORKDIR@STEP" or "hf:DIR"')
+        check_init_from(self.init_from, f"{path}.init_from")
 
 
 @dataclass(frozen=True)
@@ -492,6 +508,7 @@ class Config:
             raise ConfigError("batch_size", self.batch_size, "must be positive", "use e.g. 32")
         if not self.phases:
             raise ConfigError("phases", (), "no phases", "add at least one phase")
+        self.data.check("data")  # before the phases: their mixtures name domains that must be declared
         domains = {d for d, _ in self.data.domains}
         names = set()
         for i, ph in enumerate(self.phases):
@@ -532,7 +549,7 @@ class Config:
                               "lower the phases' percent values")
         if self.budget is not None:
             self.budget.check("budget")
-        for group in ("data", "model", "optim", "monitor", "checkpoint", "mesh", "replay_buffer", "log", "debug"):
+        for group in ("model", "optim", "monitor", "checkpoint", "mesh", "replay_buffer", "log", "debug"):
             getattr(self, group).check(group)
 
     def domain_names(self) -> tuple[str, ...]:
@@ -561,12 +578,16 @@ def _to_plain(obj: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 # Building dataclasses from plain data, with types checked and unknown keys rejected.
 # ----------------------------------------------------------------------------------------------------------
+def preset_names(kind: str) -> list[str]:
+    """The presets of `kind` ("schedules" or "replay"): one file each in that folder of the repository."""
+    return sorted(p.stem for p in (REPO_ROOT / kind).glob("*.py"))
+
+
 def _resolve_preset(kind: str, name: str, path: str) -> dict:
     """Load `schedules/NAME.py` or `replay/NAME.py` (a get_config() returning a dict)."""
-    folder = REPO_ROOT / kind
-    file = folder / f"{name}.py"
+    file = REPO_ROOT / kind / f"{name}.py"
     if not file.exists():
-        names = sorted(p.stem for p in folder.glob("*.py"))
+        names = preset_names(kind)
         raise ConfigError(path, name, f"unknown {kind[:-1] if kind.endswith('s') else kind} preset",
                           f"{_did_you_mean(name, names)} (presets live in {kind}/)")
     return dict(_load_module(file, path).get_config())
@@ -762,9 +783,17 @@ def _set_path(node: Any, parts: list[str], value: Any, full: str) -> None:
 
 
 def load_raw(path: str) -> dict:
+    """The config file's get_config() as plain data; a path that is not a Python file is a ConfigError."""
     file = pathlib.Path(path)
+    example = "give the path of a get_config() file, e.g. configs/demo.py"
     if not file.exists():
-        raise ConfigError("config", path, "no such file", "give the path of a get_config() file, e.g. configs/demo.py")
+        raise ConfigError("config", path, "no such file", example)
+    if file.is_dir():
+        inside = sorted(str(p) for p in file.glob("*.py"))[:3]
+        raise ConfigError("config", path, "is a folder, not a config file",
+                          f"give one of the files in it, e.g. {', '.join(inside)}" if inside else example)
+    if file.suffix != ".py":
+        raise ConfigError("config", path, "is not a Python (.py) file", example)
     return _plain(_load_module(file, "config").get_config())
 
 

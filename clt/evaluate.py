@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clt.config import ConfigError
 from clt.data.shards import DomainData
 from clt.loss import token_nll
 
@@ -36,9 +37,12 @@ def load_eval_sets(data: Mapping[str, DomainData], domains: tuple[str, ...], seq
     for d in domains:
         shard = data[d].eval
         available = shard.num_sequences(seq_len)
-        if available < 1:
-            raise ValueError(f"domain {d!r}: its eval split has fewer than {seq_len + 1} tokens; prepare more text "
-                             "or raise eval_fraction")
+        if available < 1:  # a sequence reads seq_len + 1 tokens: the longest that fits is num_tokens - 1
+            longest = shard.num_tokens - 1
+            more = "prepare more eval text (a larger clt prepare --eval-fraction)"
+            raise ConfigError("data.seq_len", seq_len, f"longer than the eval split of domain {d!r} allows: its "
+                              f"{shard.num_tokens} tokens hold sequences of at most seq_len {max(longest, 0)}",
+                              f"set data.seq_len <= {longest}, or {more}" if longest >= 1 else more)
         n = min(n_sequences, available)
         idx = np.unique(np.linspace(0, available - 1, n).astype(np.int64))
         tokens = shard.sequences(idx, seq_len)

@@ -12,6 +12,8 @@ import math
 import pathlib
 from typing import Any, Callable, Iterator
 
+from clt.config import ConfigError
+
 
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
@@ -79,11 +81,20 @@ class TensorBoardSink:
     """Scalars of every metrics row to <workdir>/tb (needs the optional tensorboardX package)."""
 
     def __init__(self, logdir: str | pathlib.Path):
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError as e:
-            raise RuntimeError("log.tensorboard=True needs tensorboardX: pip install tensorboardX") from e
+        self.require()
+        from tensorboardX import SummaryWriter
+
         self._writer = SummaryWriter(str(logdir))
+
+    @staticmethod
+    def require() -> None:
+        """A ConfigError naming `log.tensorboard` when tensorboardX is missing: `clt train` calls it before
+        any heavy work, so the run does not fail after compiling."""
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("log.tensorboard", True, f"needs the tensorboardX package, which does not import ({e})",
+                              "pip install tensorboardX (or set log.tensorboard=False)") from None
 
     def write(self, row: dict) -> None:
         for k, v in row.items():

@@ -23,13 +23,37 @@ def _fmt_count(n: float) -> str:
     return f"{n:g}"
 
 
-def _fmt_mix(weights: tuple[float, ...] | None, domains: tuple[str, ...]) -> str:
+def _fmt_lr(x: float) -> str:
+    """An LR in short scientific form: 3e-4, 1.65e-4 (Python's 'g' writes 0.0003 and 2e-05)."""
+    if x == 0:
+        return "0"
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _fmt_mix(weights: tuple[float, ...] | None, domains: tuple[str, ...], short: bool = False) -> str:
     if weights is None:
         return "-"
-    return " ".join(f"{d}:{w:.2f}" for d, w in zip(domains, weights) if w > 0)
+    used = [(d, w) for d, w in zip(domains, weights) if w > 0]
+    if short:  # one domain alone is just its name; weights lose the leading 0: code:.70
+        return used[0][0] if len(used) == 1 else " ".join(f"{d}:{w:.2f}".replace(":0.", ":.") for d, w in used)
+    return " ".join(f"{d}:{w:.2f}" for d, w in used)
 
 
-def describe_segment(seg: Segment) -> str:
+def describe_segment(seg: Segment, short: bool = False) -> str:
+    """A segment in words; `short` is the narrow form of the plan table (LRs as peak->end, lengths in steps)."""
+    if short:
+        lrs = [seg.peak] + ([seg.const] if seg.kind == "infinite" else [])
+        if seg.kind in ("linear", "cosine", "wsd", "power") or (seg.kind == "infinite" and seg.anneal):
+            lrs.append(seg.end)
+        s = f"{seg.kind} {'->'.join(_fmt_lr(x) for x in lrs)}"
+        s += f" w{seg.warmup}" if seg.warmup else ""
+        if seg.kind in ("wsd", "power") and seg.decay:
+            s += f" decay {seg.decay}" + (f" {seg.shape}" if seg.kind == "wsd" and seg.shape != "1-sqrt" else "")
+        if seg.kind == "infinite":
+            s += f" cool {seg.cooldown}" + (f" {seg.shape}" if seg.shape != "cosine" else "")
+            s += f" anneal {seg.anneal}" + (" branch" if seg.branch else "") if seg.anneal else ""
+        return s
     s = f"{seg.kind} peak={seg.peak:g}"
     if seg.warmup:
         s += f" warmup={seg.warmup}"
@@ -44,26 +68,50 @@ def describe_segment(seg: Segment) -> str:
     return s
 
 
-def plan_rows(plan: Plan) -> list[dict]:
-    """One dict per phase: what `clt plan show` and report.md print."""
+# Narrow plan table: columns that only repeat their default are left out ("--wide" shows them all), and these
+# may be cut to fit a terminal, each keeping this many characters while the others can give.
+_NARROW_DEFAULTS = {"replay": "-", "upsample": "-", "blend": "-", "optimizer": "keep"}
+PLAN_CUT = {"schedule": 26, "mixture": 14, "replay": 14, "upsample": 14}
+
+
+def plan_rows(plan: Plan, wide: bool = True) -> list[dict]:
+    """One dict per phase: what `clt plan show` and report.md print.
+
+    `wide=False` is the terminal form: short schedules and mixtures, no n_steps, and no column that only
+    repeats its default (replay, upsample, blend, optimizer), so a usual plan fits 120 columns.
+    """
     rows = []
     for p in plan.phases:
         replay = "-"
         if p.replay_share:
-            src = "buffer" if p.replay_source == "buffer" else _fmt_mix(p.replay_weights, plan.domains)
-            replay = f"{p.replay_share:.0%} ({src})"
+            src = "buffer" if p.replay_source == "buffer" else _fmt_mix(p.replay_weights, plan.domains, not wide)
+            replay = f"{p.replay_share:.0%} ({src})" if wide else f"{p.replay_share:.0%} {src}"
         up = "-"
         if p.upsample_start is not None:
-            up = f"from {p.upsample_start}: {_fmt_mix(p.upsample_mixture, plan.domains)}"
-        rows.append(dict(phase=p.name, steps=f"{p.start}-{p.end - 1}", n_steps=p.steps, batch=p.batch_size,
-                         tokens=_fmt_count(p.rows * plan.seq_len), schedule=describe_segment(p.schedule),
-                         mixture=_fmt_mix(p.mixture, plan.domains), replay=replay, upsample=up,
-                         blend=p.blend_steps or "-", optimizer=p.optimizer))
+            mix = _fmt_mix(p.upsample_mixture, plan.domains, not wide)
+            up = f"from {p.upsample_start}: {mix}" if wide else f"@{p.upsample_start} {mix}"
+        row = dict(phase=p.name, steps=f"{p.start}-{p.end - 1}", n_steps=p.steps, batch=p.batch_size,
+                   tokens=_fmt_count(p.rows * plan.seq_len), schedule=describe_segment(p.schedule, short=not wide),
+                   mixture=_fmt_mix(p.mixture, plan.domains, not wide), replay=replay, upsample=up,
+                   blend=p.blend_steps or "-", optimizer=p.optimizer)
+        if not wide:
+            del row["n_steps"]
+        rows.append(row)
+    if not wide:
+        idle = [c for c, default in _NARROW_DEFAULTS.items() if all(str(r[c]) == default for r in rows)]
+        rows = [{k: v for k, v in r.items() if k not in idle} for r in rows]
     return rows
 
 
-def format_table(rows: list[dict], markdown: bool = False) -> str:
-    """Rows of dicts as an aligned text table (or a Markdown table)."""
+def format_table(rows: list[dict], markdown: bool = False, max_width: int | None = None,
+                 cut: dict[str, int] | None = None) -> str:
+    """Rows of dicts as an aligned text table (or a Markdown table).
+
+    With `max_width`, columns are narrowed (cells cut with "…") until the table fits, since a terminal wraps
+    long lines into an unreadable table. `cut` names the columns that may be cut, each with the width it
+    keeps while others can still give (default: every column, down to its header); when that is not enough
+    they go down to their headers' widths. Columns not in `cut` (names, step ranges) are never cut.
+    """
     if not rows:
         return ""
     cols = list(rows[0])
@@ -73,6 +121,16 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    if max_width is not None:
+        cut = {c: len(c) for c in cols} if cut is None else cut
+        for floors in ([max(cut.get(c, w), len(c)) for c, w in zip(cols, widths)],  # soft: keep `cut`'s widths
+                       [len(c) if c in cut else w for c, w in zip(cols, widths)]):  # hard: down to the headers
+            while sum(widths) + 2 * (len(cols) - 1) > max_width:
+                i = max(range(len(cols)), key=lambda j: widths[j] - floors[j])  # the one with most to give
+                if widths[i] <= floors[i]:
+                    break
+                widths[i] -= 1
+        cells = [[v if len(v) <= w else v[:w - 1] + "…" for v, w in zip(row, widths)] for row in cells]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(c) for c in cells])
 

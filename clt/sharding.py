@@ -20,8 +20,9 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from clt.config import ConfigError, MeshConfig
-from clt.model import ModelDims, Transformer
+from clt.config import Config, ConfigError, MeshConfig
+from clt.model import ModelDims, Transformer, resolve_dims
+from clt.plan import Plan
 
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -38,19 +39,106 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 _FIELD_OF = {"embed": "d_model", "mlp": "d_ff", "heads": "n_heads", "kv_heads": "n_kv_heads", "vocab": "vocab_size"}
 
 
+def mesh_axis_sizes(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    """The (data, fsdp, tensor) sizes on `n_devices`, the -1 axis filled in.
+
+    The one check of a mesh against a device count: `make_mesh` (on the real devices) and `check_layout`
+    (`clt plan show --devices N`, for a machine that is not this one) both call it.
+    """
+    cfg.check("mesh")  # positive sizes, at most one -1
+    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    given = {k: v for k, v in sizes.items() if v != -1}
+    known = math.prod(given.values())
+    if n_devices % known or (-1 not in sizes.values() and known != n_devices):
+        problem = "does not divide" if n_devices % known else "does not match"
+        text = " x ".join(f"{k}={v}" for k, v in given.items())
+        rest = next((f" ({k}=-1 takes the rest)" for k, v in sizes.items() if v == -1), "")
+        blamed = [k for k, v in given.items() if v > 1]
+        path, value = (f"mesh.{blamed[0]}", sizes[blamed[0]]) if len(blamed) == 1 else ("mesh", sizes)
+        if len(blamed) == 1 and rest:
+            fix = f"use a {path} that divides {n_devices}: {_divisors(n_devices)}"
+        elif rest:
+            fix = f"make the product of the other axes divide {n_devices}"
+        else:
+            fix = f"make the product {n_devices}, or set one axis to -1 (e.g. mesh.data=-1)"
+        raise ConfigError(path, value, f"mesh {text} = {known} {problem} {n_devices} devices{rest}", fix)
+    return {k: n_devices // known if v == -1 else v for k, v in sizes.items()}
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all); one axis may be -1 = the rest."""
-    cfg.check("mesh")  # positive sizes, at most one -1
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
-    known = math.prod(s for s in sizes.values() if s != -1)
-    text = " x ".join(f"{k}={v}" for k, v in sizes.items())
-    if len(devices) % known or (-1 not in sizes.values() and known != len(devices)):
-        problem = "does not divide" if len(devices) % known else "does not match"
-        raise ConfigError("mesh", sizes, f"mesh {text} = {known} {problem} {len(devices)} devices",
-                          f"make the product {len(devices)}, or set one axis to -1 (e.g. mesh.data=-1)")
-    shape = tuple(len(devices) // known if s == -1 else s for s in sizes.values())
+    shape = tuple(mesh_axis_sizes(cfg, len(devices)).values())
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _divisors(n: int, limit: int = 8) -> str:
+    found = [d for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(map(str, found[:limit])) + (", ..." if len(found) > limit else "")
+
+
+def check_layout(cfg: Config, plan: Plan, n_devices: int | None, vocab_size: int | None = None) -> None:
+    """Everything about the mesh, the model's shape and the batch sizes that must divide, checked before
+    anything is compiled, with the config field to change; raises ConfigError.
+
+    `n_devices` is the machine's device count (`jax.device_count()` at train time, `--devices N` in `clt plan
+    show`); None checks only what needs no device count (an axis given as -1 is then unknown). `vocab_size`
+    is the model's final vocabulary; None takes `model.vocab_size`, and leaves the vocabulary unchecked when
+    that is 0 (it follows the data, which `clt plan show` does not read).
+    """
+    dims = resolve_dims(cfg.model, vocab_size or 128)  # 128: a placeholder; only the vocab depends on the data
+    vocab = vocab_size or cfg.model.vocab_size or None
+    if n_devices is not None:
+        sizes: dict[str, int | None] = dict(mesh_axis_sizes(cfg.mesh, n_devices))
+    else:
+        cfg.mesh.check("mesh")
+        sizes = {k: None if v == -1 else v for k, v in (("data", cfg.mesh.data), ("fsdp", cfg.mesh.fsdp),
+                                                         ("tensor", cfg.mesh.tensor))}
+
+    # Weights: tensor splits heads, kv heads, d_ff and the vocabulary; fsdp splits d_model (see LOGICAL_RULES).
+    tensor, fsdp = sizes["tensor"], sizes["fsdp"]
+    if tensor is not None and tensor > 1:
+        split = {"model.n_heads": dims.n_heads, "model.n_kv_heads": dims.n_kv_heads, "model.d_ff": dims.d_ff}
+        for field, size in split.items():
+            if size % tensor:
+                all_of = ", ".join(f"{k.removeprefix('model.')}={v}" for k, v in split.items())
+                raise ConfigError("mesh.tensor", tensor, f"does not divide {field} = {size} (tensor parallelism "
+                                  "splits the heads, kv heads and d_ff)", f"use a mesh.tensor that divides "
+                                  f"{all_of}: {_divisors(math.gcd(*split.values()))}; or change {field}")
+        if vocab is not None and vocab % tensor:
+            if cfg.model.vocab_size:
+                raise ConfigError("model.vocab_size", vocab, f"not divisible by mesh.tensor = {tensor}",
+                                  f"pad it to a multiple of {tensor}, e.g. {-(-vocab // tensor) * tensor}")
+            raise ConfigError("mesh.tensor", tensor, f"does not divide the vocabulary {vocab} (the data's, "
+                              "padded to a multiple of 128)", f"use a divisor of {vocab}: {_divisors(vocab)}")
+    if fsdp is not None and fsdp > 1 and dims.d_model % fsdp:
+        raise ConfigError("mesh.fsdp", fsdp, f"does not divide model.d_model = {dims.d_model} (fsdp splits every "
+                          "weight along d_model)", f"use a divisor of {dims.d_model}: {_divisors(dims.d_model)}")
+
+    # Batches: rows split over data x fsdp, and each micro-batch of grad_accum must split the same way.
+    ways = sizes["data"] * sizes["fsdp"] if sizes["data"] is not None and sizes["fsdp"] is not None else None
+    accum = cfg.optim.grad_accum
+    own_batch = {ph.name for ph in cfg.phases if ph.batch_size is not None}
+    for p in plan.phases:
+        field = f"phases.{p.name}.batch_size" if p.name in own_batch else "batch_size"
+        batch = p.batch_size
+        if batch % accum:
+            raise ConfigError("optim.grad_accum", accum, f"does not divide {field} = {batch}",
+                              f"use a divisor of {batch}: {_divisors(batch)}")
+        if ways is None or ways == 1:
+            continue
+        if batch % ways:
+            raise ConfigError(field, batch, f"does not split over data x fsdp = {sizes['data']} x {sizes['fsdp']} "
+                              f"= {ways} devices", f"use a multiple of {ways}, e.g. {-(-batch // ways) * ways}")
+        if (batch // accum) % ways:
+            fits = [a for a in range(1, batch + 1) if batch % a == 0 and (batch // a) % ways == 0]
+            raise ConfigError("optim.grad_accum", accum, f"micro-batches of {field} / grad_accum = {batch // accum} "
+                              f"rows do not split over data x fsdp = {ways} devices",
+                              f"use a grad_accum of {', '.join(map(str, fits[:8]))}")
+    if ways is not None and cfg.data.eval_batch % ways:
+        raise ConfigError("data.eval_batch", cfg.data.eval_batch, f"does not split over data x fsdp = "
+                          f"{sizes['data']} x {sizes['fsdp']} = {ways} devices",
+                          f"use a multiple of {ways}, e.g. {-(-cfg.data.eval_batch // ways) * ways}")
 
 
 @contextlib.contextmanager

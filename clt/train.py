@@ -157,6 +157,11 @@ def load_domains(cfg: Config) -> dict[str, DomainData]:
     if not data:
         name, path = cfg.data.domains[0]
         DomainData(path)  # raises the ShardError that says to run `clt prepare`
+    for name, d in data.items():
+        if d.train.num_tokens < cfg.data.seq_len + 1:
+            raise ConfigError("data.seq_len", cfg.data.seq_len, f"domain {name!r} has {d.train.num_tokens} training "
+                              "tokens, fewer than seq_len + 1", f"set data.seq_len <= {d.train.num_tokens - 1}, or "
+                              "prepare more text for it")
     tokenizers = {d.tokenizer for d in data.values()}
     if len(tokenizers) > 1:
         raise ConfigError("data.domains", dict(cfg.data.domains), f"domains use different tokenizers {tokenizers}",
@@ -320,18 +325,21 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
 def _train(cfg: Config, wd: pathlib.Path, accept_changed_past: bool, progress: bool) -> dict:
     is_main = jax.process_index() == 0
     plan = resolve(cfg)  # first: a config error must not wait for the devices, the data or the model
-    # ---------------------------------------------------------------------------------------------- Mesh and data
+    # ---------------------------------------------------------------------------------------------- Data and mesh
+    data = load_domains(cfg)
+    manifest = data_manifest(cfg, data)
+    dims = model_dims(cfg, data)
+    sharding.check_layout(cfg, plan, jax.device_count(), dims.vocab_size)  # every divisibility, one line each
+    eval_domains = tuple(d for d in plan.domains if d in data)  # also checks that seq_len fits each eval split
+    eval_sets = load_eval_sets(data, eval_domains, plan.seq_len, cfg.data.eval_sequences, cfg.data.eval_batch)
     mesh = sharding.make_mesh(cfg.mesh)
     log.info("mesh %s over %d %s devices (%d processes)", dict(mesh.shape), mesh.size, jax.default_backend(),
              jax.process_count())
-    data = load_domains(cfg)
-    manifest = data_manifest(cfg, data)
     sinks = []  # process 0 writes the run's files; optional sinks open first, so a missing package fails early
     if is_main and cfg.log.tensorboard:
         sinks.append(TensorBoardSink(wd / "tb"))
 
     # ---------------------------------------------------------------------------------------------- Model and optimizer
-    dims = model_dims(cfg, data)
     eos = next(iter(data.values())).train.eos_id
     tx = make_optimizer(cfg.optim)
     graphdef, params, abstract_state, state_sh = state_layout(
@@ -383,8 +391,6 @@ def _train(cfg: Config, wd: pathlib.Path, accept_changed_past: bool, progress: b
 
     check_data_needed(plan, data, start, cfg)
     source = BatchSource(plan, data, host=jax.process_index(), hosts=jax.process_count())
-    eval_domains = tuple(d for d in plan.domains if d in data)
-    eval_sets = load_eval_sets(data, eval_domains, plan.seq_len, cfg.data.eval_sequences, cfg.data.eval_batch)
     loaded = None
     if cfg.replay_buffer.load:
         loaded = replay.BufferSnapshot(cfg.replay_buffer.load)

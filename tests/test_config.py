@@ -143,3 +143,28 @@ def test_cli_config_error_is_one_line_exit_2():
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert re.search(r"clt: error: batch_sise = 3: unknown field; did you mean 'batch_size'", proc.stderr)
     assert "Traceback" not in proc.stderr
+
+
+def test_init_from_needs_a_prefix_and_a_folder():
+    for ok in ("", "ckpt:runs/a", "ckpt:runs/a@500", "hf:models/llama"):
+        config.check_init_from(ok, "model.init_from")
+    with pytest.raises(ConfigError, match=r"^model.init_from = 'runs/a': not a weights source.*; write ckpt:runs/a "):
+        config.check_init_from("runs/a", "model.init_from")
+    with pytest.raises(ConfigError, match=r"^--init-from = 'ckpt:': names no folder; write ckpt:DIR"):
+        config.check_init_from("ckpt:", "--init-from")
+    error(base(model=dict(init_from="runs/a")), r"^model.init_from = 'runs/a': not a weights source")
+
+
+def test_empty_domains_are_reported_before_the_mixtures_that_name_them():
+    error(base(data=dict(domains={})), r"^data.domains = \{\}: no domains declared; add data.domains=")
+    assert config._did_you_mean("prose", []) == "none are declared yet"
+
+
+def test_config_path_must_be_a_python_file(tmp_path):
+    (tmp_path / "a.py").write_text("def get_config():\n    return {}\n")
+    (tmp_path / "a.txt").write_text("def get_config():\n    return {}\n")
+    with pytest.raises(ConfigError, match=r"^config = '.*': is a folder, not a config file; give one of the files "
+                                          r"in it, e.g. .*a\.py$"):
+        config.load(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^config = '.*a\.txt': is not a Python \(\.py\) file"):
+        config.load(str(tmp_path / "a.txt"))

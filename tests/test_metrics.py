@@ -4,6 +4,7 @@ import importlib.util
 
 import pytest
 
+from clt.config import ConfigError
 from clt.metrics import JsonlWriter, TensorBoardSink, read_jsonl, truncate_from
 
 
@@ -31,7 +32,8 @@ def test_truncate_from_drops_rows_at_or_after_the_step_unless_kept(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboardX") is not None, reason="tensorboardX is installed")
 def test_tensorboard_sink_without_the_package_says_how_to_get_it(tmp_path):
-    with pytest.raises(RuntimeError, match=r"log.tensorboard=True needs tensorboardX: pip install tensorboardX"):
+    with pytest.raises(ConfigError, match=r"log.tensorboard = True: needs the tensorboardX package.*; pip install "
+                                          r"tensorboardX"):
         TensorBoardSink(tmp_path / "tb")
 
 

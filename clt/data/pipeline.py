@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Mapping
 import grain
 import numpy as np
 
+from clt.config import ConfigError
 from clt.data.shards import DomainData
 from clt.mixture import MixtureSchedule, slot_names
 from clt.plan import PhasePlan, Plan
@@ -47,13 +48,15 @@ class BatchSource:
         self.sizes = [s.num_sequences(plan.seq_len) if s is not None else 0 for s in self.shards]
         for d, n, shard in zip(plan.domains, self.sizes, self.shards):
             if shard is not None and n < 1:
-                raise ValueError(f"domain {d!r} has fewer than seq_len + 1 = {plan.seq_len + 1} tokens; prepare "
-                                 "more text or lower data.seq_len")
+                raise ConfigError("data.seq_len", plan.seq_len, f"domain {d!r} has {shard.num_tokens} training tokens, "
+                                  f"fewer than seq_len + 1", f"set data.seq_len <= {shard.num_tokens - 1}, or "
+                                  "prepare more text for it")
         self.buffer, self.host, self.hosts = buffer, host, hosts
         self.names = slot_names(plan.domains)
         for p in plan.phases:
             if p.batch_size % hosts:
-                raise ValueError(f"phase {p.name}'s batch of {p.batch_size} does not split over {hosts} hosts")
+                raise ConfigError(f"phases.{p.name}.batch_size", p.batch_size, f"does not split over {hosts} hosts",
+                                  f"use a multiple of {hosts}")
 
     def host_rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(slot, draw index) of this host's rows at `step`."""

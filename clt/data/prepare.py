@@ -97,6 +97,18 @@ def _write_domain(documents: Callable[[], Iterable[str]], *, domain: str, tokeni
     return summary
 
 
+def summary_rows(summaries: Iterable[dict]) -> list[dict]:
+    """One table row per prepared domain (what `clt prepare` prints; prepare.json keeps the full summary)."""
+    rows = []
+    for sm in summaries:
+        train, ev = sm["train"], sm["eval"]
+        tokens = train["tokens"] + ev["tokens"]
+        rows.append({"domain": sm["domain"], "train docs": f"{train['docs']:,}", "train tokens": f"{train['tokens']:,}",
+                     "eval docs": f"{ev['docs']:,}", "eval tokens": f"{ev['tokens']:,}",
+                     "bytes/token": f"{(train['bytes'] + ev['bytes']) / max(tokens, 1):.2f}"})
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------
 # User text.
 # ----------------------------------------------------------------------------------------------------------

@@ -51,14 +51,16 @@ class HFTokenizer:
     """A Hugging Face `tokenizers` JSON file (e.g. a Llama or GPT-NeoX `tokenizer.json`)."""
 
     def __init__(self, path: str | pathlib.Path):
+        path = pathlib.Path(path)
+        # The file first: a typo in the path is the likelier mistake, and installing a package would not fix it.
+        if not path.is_file():
+            problem = "is a folder" if path.is_dir() else "does not exist"
+            raise TokenizerError(f"tokenizer file {str(path)!r} {problem}: pass 'byte' or a tokenizer.json path")
         try:
             import tokenizers  # optional: only needed for non-byte vocabularies
         except ImportError as e:
             raise TokenizerError(
                 f"tokenizer {str(path)!r} needs the Hugging Face tokenizers package: pip install tokenizers") from e
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise TokenizerError(f"tokenizer file {str(path)!r} does not exist: pass 'byte' or a tokenizer.json path")
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception on malformed JSON
