@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="modes, in the order run")
     p.add_argument("--dir", help="where checkpoints are written (default: a temporary folder, deleted after)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="result JSON (default benchmarks/results/checkpoint-<date>.json)")
+    p.add_argument("--out", help="result JSON file or folder (default benchmarks/results/, git-ignored; "
+                                 "file checkpoint-<date>.json)")
     args = p.parse_args(argv)
     if args.saves < 2 or args.steps_between < 1:
         sys.exit("checkpoint.py: --saves must be >= 2 (the first is reported apart) and --steps-between >= 1")

@@ -8,14 +8,13 @@ phase's domain, 25% from a persistent replay buffer) it times, per batch:
   buffer picks): replay sampling's own cost;
 - whole pipeline: what `clt train` runs, grain's loader threads plus the transfer to the device.
 Each is the minimum over interleaved passes (the median is in the JSON), with the overhead relative to no
-replay; results go to benchmarks/results/.
+replay; results go to benchmarks/results/ (git-ignored) or --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import platform
@@ -27,6 +26,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from clt import config, plan, replay  # noqa: E402
+from step import stamp, write_result  # noqa: E402  (benchmarks/step.py)
 import jax  # noqa: E402
 
 from clt.data.pipeline import BatchSource, device_prefetch, iterate  # noqa: E402
@@ -68,7 +68,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", help="JSON result path (default benchmarks/results/replay-<UTC stamp>.json)")
+    ap.add_argument("--out", help="result JSON file or folder (default benchmarks/results/, git-ignored; "
+                                  "file replay-<UTC stamp>.json)")
     args = ap.parse_args()
     data = {d: DomainData(f"{args.data}/{d}") for d in ("prose", "code")}
     configs = {"none": 0.0, "mixture_25pct": 0.25, "buffer_25pct": dict(share=0.25, source="buffer")}
@@ -102,10 +103,7 @@ def main() -> None:
     out = dict(benchmark="replay", date=datetime.datetime.now().isoformat(timespec="seconds"),
                machine=dict(cpus=os.cpu_count(), platform=platform.platform(), python=platform.python_version()),
                load_avg=os.getloadavg(), args=vars(args), results=results)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = pathlib.Path(args.out or f"benchmarks/results/replay-{stamp}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    path = write_result(out, args.out, f"replay-{stamp()}.json")  # not under the cwd: the script's results/
     for name, r in results.items():
         extra = f", buffer materialised in {r['materialise_s']:.2f} s" if "materialise_s" in r else ""
         print(f"{name:<14} build {r['per_batch_ms']:6.3f} ms/batch ({r['overhead_pct']:+5.1f}%)   "

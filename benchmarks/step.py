@@ -151,7 +151,11 @@ def command_line() -> str:
 
 
 def write_result(result: dict, out: str | None, default_name: str) -> pathlib.Path:
-    path = pathlib.Path(out) if out else RESULTS / default_name
+    """Write to `out` (a .json file, or a folder for the default name), else to benchmarks/results/, which git
+    ignores: a run leaves no untracked files; `git add -f` the results that BENCHMARKS.md quotes."""
+    path = pathlib.Path(out) if out else RESULTS
+    if path.suffix != ".json":
+        path = path / default_name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
@@ -242,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab", type=int, default=BYTE_VOCAB,
                    help="vocabulary size (default: the byte tokenizer's, padded to a multiple of 128)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="result JSON (default benchmarks/results/step-<preset>-<date>.json)")
+    p.add_argument("--out", help="result JSON file or folder (default benchmarks/results/, git-ignored; "
+                                 "file step-<preset>-<date>.json)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         sys.exit("step.py: --steps must be >= 1 and --warmup >= 0")

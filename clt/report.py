@@ -187,16 +187,26 @@ def _domain_colours(plan: Plan) -> dict[str, str]:
 
 
 def _draw_mixture(ax, plan: Plan, steps: np.ndarray, weights: np.ndarray, names: list[str]) -> None:
-    """Stacked slot weights over steps: fresh domains solid, replayed ones pale and hatched."""
+    """Stacked slot weights over steps: fresh domains solid; replayed ones a pale tint of the domain's colour,
+    densely hatched in that colour and opaque, so a thin replay share in a short phase still reads as replay."""
+    from matplotlib.colors import to_rgb
+
     keep = [i for i in range(len(names)) if weights[:, i].any()]
     colours = _domain_colours(plan)
-    polys = ax.stackplot(steps, weights[:, keep].T, labels=[names[i] for i in keep], step="post")
+    # step="post" draws a step's weights up to the next point: repeat the last one so the final step shows too
+    x = np.append(steps, plan.total_steps) if len(steps) and steps[-1] < plan.total_steps else steps
+    w = np.concatenate([weights, weights[-1:]]) if len(x) > len(steps) else weights
+    polys = ax.stackplot(x, w[:, keep].T, labels=[names[i] for i in keep], step="post")
     for poly, i in zip(polys, keep):
-        replayed = names[i].startswith("replay/")
-        poly.set_facecolor(colours.get(names[i].removeprefix("replay/"), "0.4"))
-        poly.set_alpha(0.45 if replayed else 0.9)
-        if replayed:
-            poly.set_hatch("//")
+        rgb = np.asarray(to_rgb(colours.get(names[i].removeprefix("replay/"), "0.4")))
+        poly.set_linewidth(0)
+        if names[i].startswith("replay/"):
+            poly.set_facecolor(1 - 0.35 * (1 - rgb))  # a tint: the colour at 35% on white, no transparency
+            poly.set_edgecolor(rgb)  # hatch lines take the edge colour
+            poly.set_hatch("////")
+        else:
+            poly.set_facecolor(rgb)
+            poly.set_edgecolor(rgb)
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of rows")
 
@@ -370,6 +380,31 @@ def _now_marker(ax, run: Run) -> None:
                 fontsize=8, va="bottom")
 
 
+def run_name(run: Run) -> str:
+    """What a plot calls the run: its workdir's folder name (`runs/demo` -> `demo`), as the user named it."""
+    return run.workdir.resolve().name or str(run.workdir)
+
+
+def plot_titles(run: Run, what: str) -> tuple[str, str]:
+    """(title, subtitle) of a report plot: the run's name and what is drawn; the plan digest small below, since
+    it tells plans apart but means nothing to a reader looking for their run."""
+    return f"{run_name(run)}: {what}", f"plan {run.digest}"
+
+
+def _title_axes(ax, run: Run, what: str) -> None:
+    """The title above the phase labels, the digest as a small grey subtitle between the two."""
+    title, sub = plot_titles(run, what)
+    ax.set_title(title, pad=26)
+    ax.annotate(sub, (0.5, 1.0), xycoords="axes fraction", xytext=(0, 14), textcoords="offset points",
+                ha="center", va="bottom", fontsize=7.5, color="0.4")
+
+
+def _save(fig, path: pathlib.Path | str) -> None:
+    """Write and close a figure (one place, so tests can look at a figure instead)."""
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
 def _loss_ylim(ax, values: list[float]) -> None:
     """Keep the first evals (random init) from flattening the part worth reading."""
     if len(values) < 4:
@@ -397,7 +432,7 @@ def plot_loss(run: Run, curves_of_plan: tuple, path: pathlib.Path) -> None:
     _loss_ylim(ax, [v for c in curves.values() for v in c.values()])
     _now_marker(ax, run)
     ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title(f"Eval loss per domain, plan {run.digest}", pad=16)
+    _title_axes(ax, run, "eval loss per domain")
     ax.legend(handles=ax.get_legend_handles_labels()[0] + _switch_legend_handles(run.plan),
               loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.grid(alpha=0.3)
@@ -414,8 +449,7 @@ def plot_loss(run: Run, curves_of_plan: tuple, path: pathlib.Path) -> None:
     ax_lr.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_train_loss(run: Run, path: pathlib.Path) -> bool:
@@ -438,12 +472,11 @@ def plot_train_loss(run: Run, path: pathlib.Path) -> bool:
     ax.set_xlim(0, run.plan.total_steps)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (nats/token)")
-    ax.set_title("Training loss (on the mixture being trained)", pad=16)
+    _title_axes(ax, run, "training loss (on the mixture being trained)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -458,12 +491,11 @@ def plot_mixture(run: Run, curves_of_plan: tuple, path: pathlib.Path) -> None:
     _now_marker(ax, run)
     ax.set_xlim(0, run.plan.total_steps)
     ax.set_xlabel("step")
-    ax.set_title("Data mixture over steps (replayed slots hatched)", pad=16)
+    _title_axes(ax, run, "data mixture over steps (replayed shares hatched)")
     ax.legend(handles=ax.get_legend_handles_labels()[0] + _switch_legend_handles(run.plan),
               loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _around(curve: dict[int, float], lo: float, hi: float) -> list[int]:
@@ -473,6 +505,25 @@ def _around(curve: dict[int, float], lo: float, hi: float) -> list[int]:
     before = [t for t in ts if t < lo][-1:]
     after = [t for t in ts if t > hi][:1]
     return before + inside + after
+
+
+def switch_ylim(values: list[float], baseline: float, tol: float) -> tuple[float, float]:
+    """y-range of a switch panel: the losses shown, and at least 2.5 recovery tolerances either side of the
+    baseline, so the tolerance band stays a band (a flat loss would otherwise zoom until it fills the panel)."""
+    half = 2.5 * tol if tol > 0 else max(abs(baseline) * 0.01, 1e-3)
+    lo, hi = min(*values, baseline - half), max(*values, baseline + half)
+    pad = 0.08 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def gap_verdict(e: dict, tol: float) -> tuple[bool, str]:
+    """(mark the gap?, how the panel's title words it), from one rule, the monitor's: a rise of at most
+    `recovery_tol` above the baseline (or a fall) is no gap, which is why its recovery is 0 steps."""
+    if e["gap_step"] is None:
+        return False, "no eval in the window"
+    if e["gap"] > tol:
+        return True, f"gap {e['gap']:+.3f} at {e['gap_step']}"
+    return False, f"no gap (highest {e['gap']:+.3f}, within tol)" if e["gap"] > 0 else f"no gap ({e['gap']:+.3f})"
 
 
 def plot_switch(run: Run, s0: int, entries: list[dict], path: pathlib.Path) -> None:
@@ -489,28 +540,26 @@ def plot_switch(run: Run, s0: int, entries: list[dict], path: pathlib.Path) -> N
     n = len(entries)
     cols = min(n, 3)
     rows_n = -(-n // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n + 0.7), squeeze=False,
-                             layout="constrained")
+    fig = plt.figure(figsize=(max(4.6 * cols, 7.0), 3.4 * rows_n + 0.9), layout="constrained")
+    panels = fig.subfigures(1, 1)  # its suptitle is the figure's subtitle, and constrained layout makes room
+    axes = panels.subplots(rows_n, cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     for ax, e in zip(axes.flat, entries):
         d, b, curve, c = e["domain"], e["baseline"], curves[e["domain"]], colours[e["domain"]]
         ts = _around(curve, lo, hi)
-        ax.axvspan(s0, wend, color="#fff3c4", zorder=0, label="dense window")
+        ax.axvspan(s0, wend, color="#fff3c4", zorder=0, label=f"dense window ({s0}-{wend})")
         ax.axvline(s0, color="0.25", ls="--", lw=0.9, label="switch")
-        ax.axhspan(b - tol, b + tol, color="0.5", alpha=0.12, lw=0, label=f"baseline ± recovery tol ({tol:g})")
+        ax.axhspan(b - tol, b + tol, color="0.5", alpha=0.15, lw=0, label=f"baseline ± recovery tol ({tol:g})")
         ax.axhline(b, color="0.15", lw=1.0, label="baseline (eval at the switch)")
         ax.plot(ts, [curve[t] for t in ts], color=c, marker="o", ms=3.5, lw=1.4, label="eval loss")
-        shown = [curve[t] for t in ts if lo <= t <= hi] + [b]
-        notes = [f"baseline {b:.3f}"]
-        if e["gap_step"] is None:
-            notes.append("no eval in the window")
-        else:
+        marked, verdict = gap_verdict(e, tol)
+        notes = [f"baseline {b:.3f}", verdict]
+        if marked:
             tp, peak = e["gap_step"], curve[e["gap_step"]]
-            if e["gap"] > 0:
-                ax.annotate("", xy=(tp, peak), xytext=(tp, b), arrowprops=dict(arrowstyle="->", color="C3", lw=1.3))
-            ax.plot([tp], [peak], marker="v", ms=8, color="C3", ls="none", label="gap: highest point in the window")
-            notes.append(f"gap {e['gap']:+.3f} at {tp}" if e["gap"] > 0 else f"no gap ({e['gap']:+.3f})")
+            ax.annotate("", xy=(tp, peak), xytext=(tp, b), arrowprops=dict(arrowstyle="->", color="C3", lw=1.3))
+            ax.plot([tp], [peak], marker="v", ms=8, color="C3", ls="none",
+                    label="gap: highest point, above tol")
         if e["recovery_steps"]:
             tr = s0 + e["recovery_steps"]
             ax.plot([tr], [curve[tr]], marker="o", ms=10, mfc="none", mec="C2", mew=2, ls="none",
@@ -518,8 +567,7 @@ def plot_switch(run: Run, s0: int, entries: list[dict], path: pathlib.Path) -> N
             notes.append(f"recovered in {e['recovery_steps']} steps")
         elif e["recovery_steps"] is None and e["gap"] is not None:
             notes.append(f"recovery: {_recovery_text(run, e)}")
-        span = max(shown) - min(shown) or max(abs(b) * 0.01, 1e-3)
-        ax.set_ylim(min(shown) - 0.12 * span, max(shown) + 0.12 * span)
+        ax.set_ylim(*switch_ylim([curve[t] for t in ts if lo <= t <= hi], b, tol))
         ax.set_xlim(lo, hi)
         ax.set_title(f"{d}: weight {e['weight_before']:.2f} → {e['weight_after']:.2f}\n" + ", ".join(notes),
                      fontsize=9)
@@ -531,13 +579,15 @@ def plot_switch(run: Run, s0: int, entries: list[dict], path: pathlib.Path) -> N
     for ax in axes.flat[:n]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             labelled.setdefault(lab, h)
-    fig.legend(labelled.values(), labelled.keys(), loc="outside lower center", ncol=min(len(labelled), 3),
+    fig.legend(labelled.values(), labelled.keys(), loc="outside lower center",
+               ncol=min(len(labelled), 3 if cols > 1 else 2),
                fontsize=8, frameon=False)
     sw = entries[0]
     what = "upsampling starts in" if sw["kind"] == "upsample" else f"{sw['kind']} switch to"
-    fig.suptitle(f"Switch at step {s0}: {what} phase '{sw['phase']}' (dense window {s0}-{wend})", fontsize=11)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title, sub = plot_titles(run, f"step {s0}, {what} phase '{sw['phase']}'")
+    fig.suptitle(title, fontsize=11)
+    panels.suptitle(sub, fontsize=7.5, color="0.4")
+    _save(fig, path)
 
 
 def write_report(workdir: str | pathlib.Path, out: str | pathlib.Path | None = None) -> pathlib.Path:
@@ -566,8 +616,8 @@ def write_report(workdir: str | pathlib.Path, out: str | pathlib.Path | None = N
     # ---- report.md
     status = "finished" if run.finished else "in progress"
     pct = 100 * run.progress / plan.total_steps
-    md = [f"# Run report: plan `{run.digest}`", "",
-          f"`{run.workdir}`: step {run.progress} / {plan.total_steps} ({pct:.0f}%), **{status}**; "
+    md = [f"# Run report: {run_name(run)}", "",
+          f"Plan `{run.digest}`, `{run.workdir}`: step {run.progress} / {plan.total_steps} ({pct:.0f}%), **{status}**; "
           f"{len(plan.phases)} phases over domains {', '.join(plan.domains)}.", ""]
     if not run.rows:
         md += ["**No metrics yet**: metrics.jsonl is empty or missing, so there is nothing to plot but the plan.", ""]
@@ -590,10 +640,11 @@ def write_report(workdir: str | pathlib.Path, out: str | pathlib.Path | None = N
     md += ["## Stability at switches", "",
            f"Baseline: eval loss at the switch step, before any update of the new mixture. Gap: the largest rise "
            f"above it within the dense window ({mc.dense_window} steps, clipped at the next switch), at its gap "
-           f"step; negative means no gap. Recovery: steps from the switch until the loss is back within "
-           f"{mc.recovery_tol:g} of the baseline ('none': not before the next switch; 'not yet': the run has not "
-           f"got there). Forgetting / adaptation: loss change at the phase end for domains whose weight fell / "
-           f"the loss drop for those whose weight rose. Values in nats; also in `stability.json`.", ""]
+           f"step; at most {mc.recovery_tol:g} (or negative) means no gap. Recovery: steps from the switch until "
+           f"the loss is back within {mc.recovery_tol:g} of the baseline ('none': not before the next switch; "
+           f"'not yet': the run has not got there). Forgetting / adaptation: loss change at the phase end for "
+           f"domains whose weight fell / the loss drop for those whose weight rose. Values in nats; also in "
+           f"`stability.json`.", ""]
     if entries:
         md += [format_table(stability_rows(run, entries), markdown=True), ""]
     else:
