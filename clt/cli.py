@@ -153,7 +153,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         if args.files:
             raise ConfigError("FILE", args.files[0], "`clt prepare demo` reads no files (its text comes with Python)",
                               "drop the files, or use `clt prepare text --domain NAME --out DIR FILE...`")
-        summaries = list(prepare.prepare_demo(args.out, progress=not args.quiet).values())
+        summaries = list(prepare.prepare_demo(args.out, progress=not args.quiet and sys.stderr.isatty()).values())
     else:
         if not args.domain:
             raise ConfigError("--domain", None, "`clt prepare text` needs a domain name", "add --domain NAME")
@@ -169,7 +169,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                               "give byte or the path of a Hugging Face tokenizer.json")
         summaries = [prepare.prepare_text(args.files, domain=args.domain, tokenizer=args.tokenizer, out=args.out,
                                           eval_fraction=args.eval_fraction, split=args.split,
-                                          progress=not args.quiet)]
+                                          progress=not args.quiet and sys.stderr.isatty())]
     tokenizers = sorted({sm["tokenizer"] for sm in summaries})
     where = args.out if args.what == "text" else f"{args.out}/{{{','.join(sm['domain'] for sm in summaries)}}}"
     print(f"prepared {len(summaries)} domain{'s' if len(summaries) > 1 else ''} (tokenizer {', '.join(tokenizers)}): "
@@ -507,6 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"clt: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`clt plan show --csv | head`): stop quietly, like any Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
+        return 0
 
 
 if __name__ == "__main__":

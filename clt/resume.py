@@ -67,7 +67,9 @@ class WorkdirLock:
         return self
 
     def release(self) -> None:
+        """Unlock after clearing the file: only a process that died holding the lock leaves its pid behind."""
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

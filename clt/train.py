@@ -385,7 +385,6 @@ def _train(cfg: Config, wd: pathlib.Path, accept_changed_past: bool, progress: b
                 buffer.snapshot(total)
             if not any(e.get("event") == "finished" for e in read_jsonl(wd / "events.jsonl")):
                 JsonlWriter(wd / "events.jsonl").write(dict(event="finished", step=total))
-        log.info("already finished at step %d (%s); nothing to do", total, wd)
         store.close()
         return dict(stopped=None, final_step=total, already_finished=True)
 

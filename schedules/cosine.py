@@ -1,4 +1,4 @@
-"""Plain warmup + cosine decay to 10% of the peak (the usual pre-training schedule)."""
+"""Plain warmup + cosine decay from 3e-4 to 3e-5, 10% of this peak (`end` is absolute: override both together)."""
 
 
 def get_config():

@@ -51,14 +51,7 @@ ADAPT = {  # README command -> (what runs instead, with {cmd} the command as wri
         "{cmd} --help", "a timing benchmark (minutes); --help checks the interpreter, the script and its imports"),
 }
 
-KNOWN = {  # README command -> the bug, outside this test's files, that makes it fail: tolerated with a warning
-    "clt plan show configs/demo.py --csv | head -3":
-        "clt/cli.py: a BrokenPipeError traceback (exit 1) when the reader closes the pipe before the CSV is "
-        "written, which depends on timing",
-    "clt prepare text --domain legal --tokenizer byte --out data/legal docs/*.txt":
-        "clt/cli.py main(): files after the options are 'unrecognized arguments' (only key=value extras are "
-        "accepted there); `clt prepare text docs/*.txt --domain legal ...` works",
-}
+KNOWN: dict[str, str] = {}  # README command -> a bug outside this test's files that makes it fail (tolerated)
 
 
 @dataclasses.dataclass

@@ -152,7 +152,8 @@ def test_finished_needs_the_last_step_and_quarantine_is_not_a_checkpoint(finishe
     shutil.rmtree(wd / "checkpoints" / str(total))
     (wd / "checkpoints" / "quarantine" / f"{total}-nonfinite").mkdir(parents=True)
     (wd / "checkpoints" / f"{total}.orbax-checkpoint-tmp-1234").mkdir()  # a save cut short
-    kept = [e for e in read_jsonl(wd / "events.jsonl") if not (e["event"] == "checkpoint" and e["step"] == total)]
+    kept = [e for e in read_jsonl(wd / "events.jsonl")
+            if not (e["event"] in ("checkpoint", "finished") and e["step"] == total)]
     write_events(wd, kept)
     st = status(wd, capsys)
     assert st["state"] == "interrupted" and total not in st["checkpoints"]
