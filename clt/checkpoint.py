@@ -227,7 +227,10 @@ class CheckpointStore:
         except Exception as e:  # noqa: BLE001 - any failure to read what Orbax wrote is damage
             raise CheckpointDamaged(step, "meta", f"{type(e).__name__}: {str(e)[:160]}") from None
         if check_meta is not None:
-            check_meta(meta)
+            try:
+                check_meta(meta)
+            except (KeyError, TypeError, AttributeError) as e:  # valid JSON without the fields clt writes
+                raise CheckpointDamaged(step, "meta", f"{type(e).__name__}: {e}") from None
         try:
             stored = layout(self.manager.item_metadata(step)["state"])
         except Exception as e:  # noqa: BLE001
@@ -236,11 +239,18 @@ class CheckpointStore:
         if stored != wanted:
             diff = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
             k = diff[0]
-            raise ConfigError("model", meta.get("model", {}).get("preset", "?"),
-                              f"checkpoint {step} in {self.directory} holds {k} as {stored.get(k, 'nothing')}, "
-                              f"this config's model needs {wanted.get(k, 'nothing')} ({len(diff)} arrays differ)",
-                              "restore the model fields the run was started with, or use a new --workdir "
-                              "(--init-from ckpt:OLD_WORKDIR loads weights of the same shape only)")
+            holds = f"checkpoint {step} in {self.directory} holds {k} as {stored.get(k, 'nothing')}, "
+            if all(d.startswith("params/") or "/mu/" in d or "/nu/" in d for d in diff):
+                raise ConfigError("model", meta.get("model", {}).get("preset", "?"),
+                                  holds + f"this config's model needs {wanted.get(k, 'nothing')} ({len(diff)} "
+                                  "arrays differ)", "restore the model fields the run was started with, or use a "
+                                  "new --workdir (--init-from ckpt:OLD_WORKDIR loads weights of the same shape)")
+            written_by = meta.get("versions", {}).get("clt", "?")
+            raise ConfigError("workdir", str(self.directory.parent),
+                              holds + f"this clt's train state has {wanted.get(k, 'nothing')}: it was written by "
+                              f"clt {written_by} with another train-state layout",
+                              "resume it with that clt version, or start from its weights in a new --workdir "
+                              "with --init-from ckpt:WORKDIR")
         try:
             state = self.restore(step, abstract, shardings)
         except Exception as e:  # noqa: BLE001
