@@ -410,10 +410,26 @@ def load_init_weights(spec: str, abstract_params: Any, shardings: Any, cfg: Chec
     return restored["params"]
 
 
-def remove_partial_saves(directory: str | pathlib.Path) -> None:
-    """Delete the temporary folders of saves that did not complete (after a failed run, before exit)."""
-    for tmp in pathlib.Path(directory).glob("*.orbax-checkpoint-tmp*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+def remove_partial_saves(directory: str | pathlib.Path, settle_s: float = 0.5, timeout_s: float = 10.0) -> None:
+    """Delete the temporary folders of saves that did not complete (after a failed run, before exit).
+
+    A save the storage refused can still have writes in flight: Orbax gives up at the first error, but tensorstore
+    completes the other writes it had started, and they recreate the folders just removed. So when there is
+    something to remove, the removal repeats until nothing has reappeared for `settle_s` (at most `timeout_s`)."""
+    folder, pattern = pathlib.Path(directory), "*.orbax-checkpoint-tmp*"
+    if not any(folder.glob(pattern)):
+        return
+    deadline = quiet_since = time.monotonic()
+    deadline += timeout_s
+    while time.monotonic() < deadline:
+        found = list(folder.glob(pattern))
+        for tmp in found:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if found:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= settle_s:
+            return
+        time.sleep(0.05)
 
 
 def describe(store: CheckpointStore) -> list[dict]:

@@ -51,6 +51,32 @@ def storage_problem(exc: BaseException) -> str | None:
     return None
 
 
+def _quiet_background_storage_errors() -> None:
+    """Keep a refused write to the one line `cmd_train` prints. Orbax saves in background threads: when the disk
+    refuses a write, those threads log the failure with its traceback (absl) before the main thread receives the
+    same error, asyncio reports the aborted save's other writes ("exception was never retrieved"), and
+    tensorstore, completing them into the save's already-closed event loop, raises "Event loop is closed" as an
+    unraisable exception. Only these copies are dropped: other background errors are still logged."""
+    import logging
+
+    class _StorageCopies(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            exc = record.exc_info[1] if record.exc_info else None
+            return exc is None or storage_problem(exc) is None
+
+    quiet = _StorageCopies()
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(quiet)
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Verbs.
 # ----------------------------------------------------------------------------------------------------------
@@ -207,6 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clt.metrics import TensorBoardSink
 
     _setup_logging()
+    _quiet_background_storage_errors()
     cfg = config.load(args.config, args.overrides)
     # Everything the user can get wrong is checked before jax starts and the data is read.
     check_workdir(args.workdir)
