@@ -51,26 +51,47 @@ def storage_problem(exc: BaseException) -> str | None:
     return None
 
 
-def _quiet_background_storage_errors() -> None:
-    """Keep a refused write to the one line `cmd_train` prints. Orbax saves in background threads: when the disk
-    refuses a write, those threads log the failure with its traceback (absl) before the main thread receives the
-    same error, asyncio reports the aborted save's other writes ("exception was never retrieved"), and
-    tensorstore, completing them into the save's already-closed event loop, raises "Event loop is closed" as an
-    unraisable exception. Only these copies are dropped: other background errors are still logged."""
+def _from_orbax(exc: BaseException | None) -> bool:
+    """Whether an exception, or one it wraps, was raised inside Orbax's code."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            if "/orbax/" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+                return True
+            tb = tb.tb_next
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _quiet_orbax_leftovers() -> None:
+    """Keep a failed checkpoint write or read to what clt says about it. Orbax writes and reads arrays in background
+    threads and event loops of its own, and the first failure reaches the main thread: a refused write becomes the
+    one `clt: error:` line of `cmd_train`, a damaged checkpoint its quarantine warning. Their copies are dropped: the
+    save threads' own records of a refused write (absl, with tracebacks), asyncio's "exception was never retrieved"
+    for the aborted batch's other reads and writes, and the unraisable exceptions of those abandoned coroutines and
+    of tensorstore completing them into an already-closed loop ("Event loop is closed"). Everything else is shown."""
     import logging
 
-    class _StorageCopies(logging.Filter):
+    class _Copies(logging.Filter):
+        def __init__(self, any_orbax_error: bool):
+            super().__init__()
+            self.any_orbax_error = any_orbax_error
+
         def filter(self, record: logging.LogRecord) -> bool:
             exc = record.exc_info[1] if record.exc_info else None
-            return exc is None or storage_problem(exc) is None
+            if exc is None:
+                return True
+            return storage_problem(exc) is None and not (self.any_orbax_error and _from_orbax(exc))
 
-    quiet = _StorageCopies()
-    for name in ("absl", "asyncio"):
-        logging.getLogger(name).addFilter(quiet)
+    logging.getLogger("absl").addFilter(_Copies(any_orbax_error=False))  # Orbax's other error records stay
+    logging.getLogger("asyncio").addFilter(_Copies(any_orbax_error=True))
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        exc = unraisable.exc_value
+        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or _from_orbax(exc):
             return
         previous(unraisable)
 
@@ -233,7 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clt.metrics import TensorBoardSink
 
     _setup_logging()
-    _quiet_background_storage_errors()
+    _quiet_orbax_leftovers()
     cfg = config.load(args.config, args.overrides)
     # Everything the user can get wrong is checked before jax starts and the data is read.
     check_workdir(args.workdir)
