@@ -40,7 +40,8 @@ import pytest
 from conftest import smoke_overrides
 from test_checkpoint import comparable_events, comparable_metrics, final_arrays
 
-from clt import checkpoint, config, plan as plan_lib, resume, train
+from clt import checkpoint, config, plan as plan_lib, replay, resume, train
+from clt.config import ConfigError
 from clt.metrics import read_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -617,3 +618,38 @@ def test_spike_guard_restarts_at_a_switch_to_a_harder_domain(demo_data, tmp_path
     assert all(applied[30:30 + train.SPIKE_WARMUP]), "no skip right after the switch"
     np.testing.assert_allclose([r["loss_ema"] for r in rows], means, rtol=1e-6)
     assert rows[30]["loss_ema"] == rows[30]["loss"]  # the mean restarts from the switch step's own loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 10. Start-up checks: divisibility on this machine, a data set too small for seq_len, stale replay snapshots.
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, field", [("batch_size=12", "batch_size"), ("data.eval_batch=4", "data.eval_batch"),
+                                             ("optim.grad_accum=2", "optim.grad_accum"), ("mesh.tensor=3", "mesh.tensor"),
+                                             ("data.seq_len=100000", "data.seq_len")])
+def test_start_up_checks_fail_before_anything_is_written(demo_data, tmp_path, override, field):
+    """Divisibility on this machine's 8 devices (and a seq_len the data cannot fill) is a ConfigError naming the
+    field, raised before the mesh, the model or any run file exists."""
+    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data, override))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(field)} = "):
+        train.train(cfg, str(tmp_path), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_a_stale_snapshot_is_rebuilt_not_reused(demo_data, tmp_path, caplog):
+    """A snapshot left by a run with another seed (same step, same folder) must not be replayed: the buffer
+    rebuilds it to what this plan's reservoir holds. Reusing it would replay rows this run never trained."""
+    from clt.data.shards import DomainData
+
+    data = {d: DomainData(demo_data / d) for d in ("prose", "code")}
+    plans = {seed: plan_lib.resolve(config.load("configs/smoke.py", smoke_overrides(demo_data, f"seed={seed}")))
+             for seed in (0, 1)}
+    old = replay.ReplayBuffer(tmp_path, plans[1], 16, data).snapshot(12)
+    fresh = replay.ReplayBuffer(tmp_path / "fresh", plans[0], 16, data).snapshot(12)
+    assert not np.array_equal(old.draw, fresh.draw)  # the seeds really give different reservoirs
+    again = replay.ReplayBuffer(tmp_path, plans[0], 16, data).snapshot(12)
+    assert "does not match this plan" in caplog.text
+    assert np.array_equal(again.draw, fresh.draw) and np.array_equal(np.asarray(again.tokens), np.asarray(fresh.tokens))
+    caplog.clear()
+    replay.ReplayBuffer(tmp_path, plans[0], 16, data).snapshot(12)  # now current: reused without a word
+    assert "does not match" not in caplog.text
