@@ -69,9 +69,16 @@ def truncate_from(path: str | pathlib.Path, step: int, keep: Callable[[dict], bo
     if not p.exists():
         return
     rows = [r for r in iter_jsonl(p) if r.get("step", -1) < step or (keep is not None and keep(r))]
-    tmp = p.with_suffix(".tmp")
-    try:  # written aside and renamed: a kill or a full disk leaves the old file whole and no .tmp behind
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(p, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_atomic(path: str | pathlib.Path, text: str) -> None:
+    """Replace a run file whole: written aside and renamed, so a kill or a full disk leaves the old file intact
+    and no temporary file behind."""
+    p = pathlib.Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    try:
+        tmp.write_text(text)
         tmp.replace(p)
     finally:
         tmp.unlink(missing_ok=True)

@@ -30,13 +30,13 @@ from flax import nnx
 from clt import checkpoint as ckpt_lib
 from clt import monitor, replay, resume, sharding
 from clt.config import Config, ConfigError, OptimConfig
-from clt.data.pipeline import BatchSource, device_prefetch, iterate
+from clt.data.pipeline import BatchSource, check_sequences_fit, device_prefetch, iterate
 from clt.data.shards import DomainData
 from clt.data.tokenizer import load_tokenizer
 from clt.evaluate import (evaluate, evaluate_task, load_choice_task, load_eval_sets, make_eval_step,
                           make_score_step)
 from clt.loss import token_nll
-from clt.metrics import JsonlWriter, TensorBoardSink, read_jsonl
+from clt.metrics import JsonlWriter, TensorBoardSink, read_jsonl, write_atomic
 from clt.model import ModelDims, flops_per_token, param_count, resolve_dims
 from clt.optim import make_optimizer, with_lr
 from clt.plan import Plan, resolve
@@ -157,11 +157,7 @@ def load_domains(cfg: Config) -> dict[str, DomainData]:
     if not data:
         name, path = cfg.data.domains[0]
         DomainData(path)  # raises the ShardError that says to run `clt prepare`
-    for name, d in data.items():
-        if d.train.num_tokens < cfg.data.seq_len + 1:
-            raise ConfigError("data.seq_len", cfg.data.seq_len, f"domain {name!r} has {d.train.num_tokens} training "
-                              "tokens, fewer than seq_len + 1", f"set data.seq_len <= {d.train.num_tokens - 1}, or "
-                              "prepare more text for it")
+    check_sequences_fit(data, cfg.data.seq_len)
     tokenizers = {d.tokenizer for d in data.values()}
     if len(tokenizers) > 1:
         raise ConfigError("data.domains", dict(cfg.data.domains), f"domains use different tokenizers {tokenizers}",
@@ -288,15 +284,6 @@ def _switch_line(plan: Plan, switch: dict) -> str:
     return text + f", LR {p.schedule.kind}, optimizer {p.optimizer}; spike-guard statistics restart"
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------------------
@@ -414,7 +401,7 @@ def _train(cfg: Config, wd: pathlib.Path, accept_changed_past: bool, progress: b
     # Keyed by step: rows this run writes again are dropped first, so the files read as one uninterrupted run.
     if is_main:
         resume.rewrite_run_files(wd, start)
-        _write_atomic(wd / "plan.json", json.dumps(dict(plan=plan.to_json(), digest=plan.digest(), data=manifest,
+        write_atomic(wd / "plan.json", json.dumps(dict(plan=plan.to_json(), digest=plan.digest(), data=manifest,
                                                         config=cfg.to_dict()), indent=1))
         sinks.insert(0, JsonlWriter(wd / "metrics.jsonl"))
     events = JsonlWriter(wd / "events.jsonl") if is_main else None

@@ -37,6 +37,15 @@ def example_index(seed: int, domain: str, k: int, n: int) -> int:
     return int(grain.experimental.index_shuffle(i, n - 1, _epoch_seed(seed, domain, epoch), _SHUFFLE_ROUNDS))
 
 
+def check_sequences_fit(data: Mapping[str, DomainData], seq_len: int) -> None:
+    """Every domain's training split holds at least one sequence of seq_len + 1 tokens (else a ConfigError)."""
+    for d, domain in data.items():
+        n = domain.train.num_tokens
+        if n < seq_len + 1:
+            raise ConfigError("data.seq_len", seq_len, f"domain {d!r} has {n} training tokens, fewer than seq_len + 1",
+                              f"set data.seq_len <= {n - 1}, or prepare more text for it")
+
+
 class BatchSource:
     """Builds the token rows of any step for one host (rows [h*B/H, (h+1)*B/H) of the step's batch)."""
 
@@ -45,12 +54,8 @@ class BatchSource:
         self.plan, self.mixture = plan, MixtureSchedule(plan)
         # Domains whose data is gone (only past phases used them) have no shard; the plan never draws them.
         self.shards = [data[d].train if d in data else None for d in plan.domains]
+        check_sequences_fit(data, plan.seq_len)
         self.sizes = [s.num_sequences(plan.seq_len) if s is not None else 0 for s in self.shards]
-        for d, n, shard in zip(plan.domains, self.sizes, self.shards):
-            if shard is not None and n < 1:
-                raise ConfigError("data.seq_len", plan.seq_len, f"domain {d!r} has {shard.num_tokens} training tokens, "
-                                  f"fewer than seq_len + 1", f"set data.seq_len <= {shard.num_tokens - 1}, or "
-                                  "prepare more text for it")
         self.buffer, self.host, self.hosts = buffer, host, hosts
         self.names = slot_names(plan.domains)
         for p in plan.phases:
