@@ -535,11 +535,11 @@ def _train(cfg: Config, wd: pathlib.Path, accept_changed_past: bool, progress: b
                              plan.seq_len, mesh.size)
                     t_compile = time.perf_counter()
                 state, m = step_fn(state, batch)
+                tokens_since += p.batch_size * plan.seq_len
                 if first:  # the compile is the first minute of a run: say so, and keep it out of tokens/s
                     jax.block_until_ready(m["loss"])
                     log.info("train step compiled and run in %.1fs", time.perf_counter() - t_compile)
-                    first, t_log, tokens_since = False, time.perf_counter(), -p.batch_size * plan.seq_len
-                tokens_since += p.batch_size * plan.seq_len
+                    first, t_log, tokens_since = False, time.perf_counter(), 0
                 done = step + 1
                 if pbar is not None:
                     pbar.update(1)
