@@ -1,4 +1,4 @@
-"""The one Orbax layer: save, verify, restore, quarantine, init_from, and what a changed plan may change on resume.
+"""The one Orbax layer: save, verify, restore, quarantine, preemption, init_from weights.
 
 A checkpoint at step s holds the train state after s updates (params, moments, step, loss statistics) and a
 JSON `meta` item: the resolved plan, its digest, the data manifests, the model's shape, the config, init_from,
@@ -17,13 +17,13 @@ one mesh restores onto any other (device count and axis sizes may differ).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import importlib.metadata
 import json
 import logging
 import pathlib
 import shutil
+import signal
 import time
 from typing import Any, Callable
 
@@ -33,8 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from clt.config import CheckpointConfig, Config, ConfigError
-from clt.plan import PhasePlan, Plan, resolve
+from clt.config import CheckpointConfig, ConfigError
 
 log = logging.getLogger("clt")
 
@@ -152,7 +151,6 @@ class CheckpointStore:
         a partial restore of params alone (init_from) needs an untyped manager."""
         self.directory = pathlib.Path(directory).absolute()
         self.cfg = cfg
-        self._last_save_time = time.monotonic()
         self._phase_ends = set(phase_ends)
         preservation = ocm.AnyPreservationPolicy([ocm.LatestN(cfg.keep), _KeepSteps(self._phase_ends)])
         # cleanup_tmp_directories: a save cut short by a kill or a full disk leaves `*.orbax-checkpoint-tmp*`;
@@ -181,13 +179,6 @@ class CheckpointStore:
     def has(self, step: int) -> bool:
         return step in self.manager.all_steps()
 
-    def due(self, step: int) -> bool:
-        """An interval save: every `every` steps or `every_minutes` since the last save."""
-        if self.cfg.every and step % self.cfg.every == 0:
-            return True
-        minutes = (time.monotonic() - self._last_save_time) / 60
-        return bool(self.cfg.every_minutes) and minutes >= self.cfg.every_minutes
-
     def meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
@@ -209,7 +200,6 @@ class CheckpointStore:
         meta = dict(meta, step=step, time=time.time(), phase_end=phase_end, versions=versions(), checksums=sums)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          meta=ocp.args.JsonSave(meta)), force=True)
-        self._last_save_time = time.monotonic()
 
     def restore(self, step: int, abstract: Any, shardings: Any) -> Any:
         """The state of checkpoint `step`, unverified (see `restore_verified`)."""
@@ -282,10 +272,19 @@ class CheckpointStore:
         return dest
 
     def restore_latest(self, abstract: Any, shardings: Any,
-                       check_meta: Callable[[dict], None] | None = None) -> tuple[int, Any, dict]:
+                       check_meta: Callable[[dict], None] | None = None) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest checkpoint that passes `restore_verified`; damaged ones are moved
-        to quarantine with a warning. Raises NoUsableCheckpoint when none is left."""
-        for step in reversed(self.steps()):
+        to quarantine with a warning. None when there is no checkpoint at all; NoUsableCheckpoint when every
+        one is (or was already) in quarantine, since starting over would overwrite the run's history."""
+        steps = self.steps()
+        if not steps and self.quarantined():
+            raise NoUsableCheckpoint(
+                f"{self.directory} holds no checkpoint but damaged ones in quarantine/ "
+                f"({', '.join(self.quarantined())}); starting over would overwrite the run's history: inspect "
+                "them, or train in a new --workdir")
+        if not steps:
+            return None
+        for step in reversed(steps):
             try:
                 state, meta = self.restore_verified(step, abstract, shardings, check_meta)
                 return step, state, meta
@@ -305,72 +304,8 @@ class CheckpointStore:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Resuming with a (possibly) changed plan.
+# init_from: another run's weights, restored onto this run's shardings.
 # ----------------------------------------------------------------------------------------------------------
-# Fields that follow from a phase's duration: a `percent` phase may see them change with the budget, and the
-# pinned past wins (the plan that ran is the authority); any other change to a phase that ran is an error.
-_RANGE_FIELDS = {"start", "end", "row_start", "upsample_start", "replay_weights"}
-_RANGE_SCHEDULE_FIELDS = {"warmup", "decay", "cooldown", "anneal", "chain_start"}
-
-
-def _phase_changes(old: PhasePlan, new: PhasePlan, percent: bool) -> list[tuple[str, Any, Any]]:
-    """(field, old value, new value) of every change that matters to a phase that ran."""
-    skip = _RANGE_FIELDS if percent else set()
-    old_d, new_d = dataclasses.asdict(old), dataclasses.asdict(new)
-    changed = [(k, old_d[k], new_d[k]) for k in old_d if k not in skip | {"schedule"} and old_d[k] != new_d[k]]
-    skip_s = _RANGE_SCHEDULE_FIELDS if percent else set()
-    old_s, new_s = old.schedule.defining(), new.schedule.defining()
-    changed += [(f"schedule.{k}", old_s[k], new_s.get(k)) for k in old_s
-                if k not in skip_s and old_s[k] != new_s.get(k)]
-    return changed
-
-
-def check_resume_plan(cfg: Config, meta: dict, step: int, manifest: dict[str, str],
-                      accept_changed_past: bool = False) -> Plan:
-    """The plan to continue with at `step`: phases that started keep what they ran; later ones come from cfg.
-
-    Editing future phases, appending phases or pointing a future phase at new data is fine. A change to a
-    phase that has already started, or to the data it trained on, is an error naming the field, unless
-    `accept_changed_past` (the CLI's --accept-changed-past) says the user means it."""
-    if accept_changed_past:
-        return resolve(cfg)
-    ran = Plan.from_json(meta["plan"]).with_domains(cfg.domain_names())
-    # These fix which example every past row was: changing them would rewrite the past.
-    for field, old, new in (("seed", ran.seed, cfg.seed), ("data.seq_len", ran.seq_len, cfg.data.seq_len),
-                            ("data.block_rows", ran.block_rows, cfg.data.block_rows)):
-        if old != new:
-            raise ConfigError(field, new, f"the run so far used {old}", "restore it, or pass --accept-changed-past")
-    started = [p for p in ran.phases if p.start < step]
-    if len(cfg.phases) < len(started):
-        raise ConfigError("phases", [ph.name for ph in cfg.phases], f"phases that already ran were removed "
-                          f"(ran: {[p.name for p in started]})", "keep them, or pass --accept-changed-past")
-    fresh = resolve(cfg)
-    for old, new, ph in zip(started, fresh.phases, cfg.phases):
-        changed = _phase_changes(old, new, percent=ph.percent is not None)
-        if changed:
-            key, before, after = changed[0]
-            raise ConfigError(f"phases.{old.name}.{key}", after, f"phase {old.name!r} already ran (from step "
-                              f"{old.start}) with {key}={before!r}",
-                              "restore its old value, or pass --accept-changed-past to change the past knowingly")
-    for old in started:
-        for d in (d for d, w in zip(ran.domains, old.mixture) if w > 0):
-            before = meta.get("data", {}).get(d)
-            if before is not None and d in manifest and manifest[d] != before:  # gone data is fine: it ran
-                raise ConfigError(f"data.domains.{d}", dict(cfg.data.domains).get(d),
-                                  f"the data of domain {d!r} changed since phase {old.name!r} trained on it",
-                                  "point a new domain name at the new data for future phases, or pass "
-                                  "--accept-changed-past")
-    return resolve(cfg, past=ran, through_step=step)
-
-
-def check_init_from(meta: dict, init_from: str) -> None:
-    """Checkpoints win over init_from, but they must come from the same init_from."""
-    recorded = meta.get("init_from", "")
-    if init_from and recorded != init_from:
-        raise ConfigError("model.init_from", init_from, f"this workdir's checkpoints were started from "
-                          f"{recorded or 'scratch'!r}", "use a new --workdir, or drop --init-from to resume")
-
-
 def parse_init_from(spec: str) -> tuple[str, pathlib.Path, int | None]:
     kind, _, rest = spec.partition(":")
     step = None
@@ -461,3 +396,38 @@ def meta_json(meta: dict) -> str:
     if "checksums" in shown:
         shown["checksums"] = f"{len(shown['checksums'])} arrays"
     return json.dumps(shown, indent=1, default=str)
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 0 (preemption-safe).
+
+    In a single process Orbax's `reached_preemption_sync_point` is always False, so clt keeps its own flag;
+    several processes agree on it at log boundaries (`agreed`)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict = {}
+
+    def __enter__(self) -> "Preemption":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def agreed(self, at_boundary: bool) -> bool:
+        """Whether to stop now. One process: as soon as asked. Several: only at log boundaries, where every
+        host contributes its flag, so all stop after the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        if not at_boundary:
+            return False
+        from jax.experimental import multihost_utils
+        return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -104,14 +104,15 @@ def _quiet_orbax_leftovers() -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     """The resolved plan, after every check that needs no data: model shape, schedules, and with `--devices N`
     the mesh and batch sizes on a machine of N devices (without it, what needs no device count)."""
-    from clt import config, plan, report, sharding
+    from clt import config, plan, report, sharding, step
 
     cfg = config.load(args.config, args.overrides)
     resolved = plan.resolve(cfg)
     if args.devices is not None and args.devices < 1:
         raise ConfigError("--devices", args.devices, "a machine has at least one device",
                           "give the target machine's device count, e.g. --devices 8")
-    sharding.check_layout(cfg, resolved, args.devices)
+    dims = step.resolve_dims(cfg.model, 128)  # 128: a placeholder vocabulary; the data's is not read here
+    sharding.check_layout(cfg, resolved, args.devices, dims, vocab_known=bool(cfg.model.vocab_size))
     if args.csv:
         print(report.plan_csv(resolved))
         return 0

@@ -1,4 +1,5 @@
-"""`metrics.jsonl` and `events.jsonl`: append-only JSON lines, the source of truth of a run.
+"""Where a run's numbers go: `metrics.jsonl` / `events.jsonl` (the source of truth), TensorBoard, the console
+line of each log interval, and the throughput and MFU those lines report.
 
 Every logged or evaluated value is one JSON object with its `step` and `phase`; switches, alerts, resumes and
 checkpoints are events. Lines are flushed as written, so a crash loses at most the line being written, and
@@ -10,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Any, Callable, Iterator
+import time
+from typing import Any, Iterator
 
 from clt.config import ConfigError
 
@@ -62,16 +64,6 @@ def iter_jsonl(path: str | pathlib.Path) -> Iterator[dict]:
                 continue
 
 
-def truncate_from(path: str | pathlib.Path, step: int, keep: Callable[[dict], bool] | None = None) -> None:
-    """Drop rows with step >= `step` unless `keep(row)`: on resume from a checkpoint of `step` updates, the
-    resumed run writes those rows again, so the file reads as one uninterrupted run."""
-    p = pathlib.Path(path)
-    if not p.exists():
-        return
-    rows = [r for r in iter_jsonl(p) if r.get("step", -1) < step or (keep is not None and keep(r))]
-    write_atomic(p, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 def write_atomic(path: str | pathlib.Path, text: str) -> None:
     """Replace a run file whole: written aside and renamed, so a kill or a full disk leaves the old file intact
     and no temporary file behind."""
@@ -110,3 +102,55 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self._writer.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Throughput and MFU; the console lines of the loop.
+# ----------------------------------------------------------------------------------------------------------
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+"""Dense bf16 peak FLOP/s per device by device-kind substring, for MFU; devices not listed (CPU) get none."""
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """The peak FLOP/s of one device of `device_kind` (jax's `device.device_kind`), None when unknown."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_kind), None)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float, n_devices: int) -> float:
+    """Model FLOPs utilisation: the model's FLOPs per second over the devices' peak."""
+    return tokens_per_s * flops_per_token / (peak * n_devices)
+
+
+class Throughput:
+    """Tokens per second since the last `reset()` (each log interval; the compile is kept out of it)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._t0, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def per_second(self) -> float:
+        return self.tokens / max(time.perf_counter() - self._t0, 1e-9)
+
+
+def log_line(step: int, total: int, phase: str, row: dict) -> str:
+    """The console line of a train row: step, phase, loss, LR, and throughput / MFU / skips when known."""
+    s = f"step {step:>6}/{total} | {phase:<10} | loss {row['loss']:.4f} | lr {row['lr']:.2e}"
+    if "tokens_per_s" in row:
+        s += f" | {row['tokens_per_s'] / 1e3:.1f}k tok/s"
+    if "mfu" in row:
+        s += f" | MFU {row['mfu']:.1%}"
+    if row.get("skipped_total"):
+        s += f" | skipped updates {row['skipped_total']}"
+    return s
+
+
+def eval_line(row: dict, seconds: float) -> str:
+    """The console line of an eval row: each domain's held-out loss."""
+    losses = " · ".join(f"{k[5:-5]} {v:.3f}" for k, v in row.items() if k.startswith("eval/") and k.endswith("/loss"))
+    return f"eval @ step {row['step']} ({row['phase']}, {seconds:.1f}s): {losses}"

@@ -3,7 +3,7 @@
 Weights carry logical axis names (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`, `norm`); the
 mapping to mesh axes lives in `sharding.py`, so this file knows nothing about devices. Params are created
 with eager sharding off, so a `Transformer` can be built anywhere (tests, Hugging Face import on the host,
-`nnx.eval_shape` for abstract restore targets); `sharding.create_model` places it on a mesh.
+`nnx.eval_shape` for abstract restore targets); `step.create_model` places it on a mesh.
 
 Names follow their dims: b batch, t query position, s key position, d d_model, n heads, k kv heads,
 h head_dim, f d_ff, v vocab. Attribute names mirror Hugging Face Llama (`q_proj`, `gate_proj`, ...), and RoPE
@@ -20,9 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as flax_spmd
 
-from clt.config import ConfigError, ModelConfig
-
-# Dims a preset fixes; every entry can be overridden field by field from ModelConfig.
+# Dims a preset fixes; every entry can be overridden field by field from the config (step.resolve_dims).
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, rope_theta=10000.0, tie_embeddings=True),
     # ~1.6M params: about 0.25 s per 16 x 128 step on a 2-core CPU, so `make demo` fits in minutes.
@@ -38,7 +36,6 @@ PRESETS: dict[str, dict] = {
                tie_embeddings=False),  # Llama-3-8B
 }
 REMAT_POLICIES = ("none", "full", "dots")
-_REQUIRED = ("d_model", "n_layers", "n_heads", "d_ff")
 
 
 @dataclass(frozen=True)
@@ -55,45 +52,6 @@ class ModelDims:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
-
-
-def resolve_dims(cfg: ModelConfig, vocab_size: int) -> ModelDims:
-    """Preset values, overridden by cfg's explicit (non-zero, non-None) fields; vocab from cfg or the data."""
-    if cfg.preset and cfg.preset not in PRESETS:
-        raise ConfigError("model.preset", cfg.preset, "unknown preset",
-                          f"use one of {sorted(PRESETS)} or \"\" with explicit dims")
-    dims = dict(PRESETS.get(cfg.preset, {}))
-    for name in (*_REQUIRED, "n_kv_heads", "rope_theta"):
-        if getattr(cfg, name) != 0:
-            dims[name] = getattr(cfg, name)
-    if cfg.tie_embeddings is not None:  # False is an explicit choice, not "unset"
-        dims["tie_embeddings"] = cfg.tie_embeddings
-    missing = [n for n in _REQUIRED if n not in dims]
-    if missing:
-        raise ConfigError(f"model.{missing[0]}", 0, f"preset \"\" needs explicit dims, missing {missing}",
-                          "set them, e.g. model.d_model=256, or pick a preset")
-    dims.setdefault("n_kv_heads", dims["n_heads"])
-    dims.setdefault("rope_theta", 10000.0)
-    dims.setdefault("tie_embeddings", True)
-    vocab = cfg.vocab_size if cfg.vocab_size > 0 else vocab_size
-    for name, value in (("vocab_size", vocab), *((n, dims[n]) for n in (*_REQUIRED, "n_kv_heads", "rope_theta"))):
-        if value <= 0:
-            raise ConfigError(f"model.{name}", value, "must be positive", "give a positive size")
-    if dims["n_heads"] % dims["n_kv_heads"]:
-        raise ConfigError("model.n_kv_heads", dims["n_kv_heads"],
-                          f"n_heads={dims['n_heads']} is not a multiple of n_kv_heads={dims['n_kv_heads']}",
-                          "use a divisor of n_heads (n_kv_heads == n_heads is plain multi-head attention)")
-    if dims["d_model"] % dims["n_heads"]:
-        raise ConfigError("model.n_heads", dims["n_heads"],
-                          f"d_model={dims['d_model']} is not divisible by n_heads={dims['n_heads']}",
-                          "use a divisor of d_model")
-    if (dims["d_model"] // dims["n_heads"]) % 2:
-        raise ConfigError("model.n_heads", dims["n_heads"],
-                          f"head_dim = d_model/n_heads = {dims['d_model'] // dims['n_heads']} is odd; RoPE rotates pairs",
-                          "choose n_heads so that d_model/n_heads is even")
-    return ModelDims(vocab_size=int(vocab), head_dim=dims["d_model"] // dims["n_heads"],
-                     norm_eps=float(cfg.norm_eps), **{k: dims[k] for k in (*_REQUIRED, "n_kv_heads")},
-                     rope_theta=float(dims["rope_theta"]), tie_embeddings=bool(dims["tie_embeddings"]))
 
 
 def param_count(dims: ModelDims) -> int:
@@ -218,10 +176,9 @@ class Transformer(nnx.Module):
     def __init__(self, dims: ModelDims, *, dtype: jnp.dtype, param_dtype: jnp.dtype = jnp.float32,
                  remat: str = "none", doc_mask: bool = False, eos_id: int = -1, rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
-            raise ConfigError("model.remat", remat, "unknown remat policy", f"use one of {REMAT_POLICIES}")
+            raise ValueError(f"unknown remat policy {remat!r}; use one of {REMAT_POLICIES}")
         if doc_mask and not 0 <= eos_id < dims.vocab_size:
-            raise ConfigError("model.doc_mask", doc_mask, f"needs the tokenizer's EOS id, got eos_id={eos_id}",
-                              "pass eos_id, or set model.doc_mask=False")
+            raise ValueError(f"doc_mask needs the tokenizer's EOS id, got eos_id={eos_id}")
         self.dims, self.dtype, self.remat, self.doc_mask, self.eos_id = dims, dtype, remat, doc_mask, eos_id
         d, v = dims.d_model, dims.vocab_size
         self.embed = _param(rngs, nnx.initializers.normal(0.02), (v, d), ("vocab", "embed"), param_dtype)

@@ -180,3 +180,17 @@ def describe_event(event: dict) -> str | None:
             what = f"change {event['delta_end']:+.3f}"
         return f"phase {event['phase']} end: {event['domain']} {what} nats vs its baseline at step {event['switch_step']}"
     return f"stability: {where}: recovered in {event['recovery_steps']} steps"
+
+
+def describe_switch(plan: Plan, switch: dict) -> str:
+    """The console line of a switch (one of `plan.switches()`): the new mixture, replay, blend, LR and optimizer."""
+    p = next(q for q in plan.phases if q.name == switch["phase"])
+    mix = lambda w: " ".join(f"{d}:{x:.2f}" for d, x in zip(plan.domains, w) if x > 0)  # noqa: E731
+    if switch["kind"] == "upsample":
+        return f"upsampling starts at step {switch['step']} ({p.name}): {mix(p.upsample_mixture)}"
+    text = f"phase {p.name} starts at step {p.start} (to {p.end}): {mix(p.mixture)}"
+    if p.replay_share:
+        text += f", replay {p.replay_share:.0%} ({p.replay_source})"
+    if switch["kind"] == "blend":
+        text += f", blended over {p.blend_steps} steps"
+    return text + f", LR {p.schedule.kind}, optimizer {p.optimizer}; spike-guard statistics restart"

@@ -1,4 +1,4 @@
-"""What a restart of `clt train` on an existing workdir may do: the workdir lock, and run-file rewriting.
+"""What a restart of `clt train` on an existing workdir accepts, refuses and records; the lock; the run files.
 
 A continual pre-training run lives for weeks on preemptible machines, so every start of `clt train` is
 potentially a restart. Two rules make that safe:
@@ -8,10 +8,14 @@ potentially a restart. Two rules make that safe:
 - the run files (`metrics.jsonl`, `events.jsonl`) are keyed by step: a start at step s (restored from a
   checkpoint, or 0 without one) rewrites exactly the rows that it will produce again, so after any kill
   the files read as one uninterrupted run.
+A checkpoint is resumed only when the config still describes its past: the same model shape, the same
+init_from, and a plan whose phases that already ran are unchanged (future phases may be edited or added).
+Nothing here imports jax: `clt status` reads the lock without starting it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -20,6 +24,12 @@ import os
 import pathlib
 import socket
 import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from clt.config import Config, ConfigError
+from clt.metrics import iter_jsonl, write_atomic
+from clt.plan import PhasePlan, Plan, resolve
 
 log = logging.getLogger("clt")
 
@@ -140,11 +150,18 @@ def kept_on_restart(start: int, row: dict) -> bool:
 def rewrite_run_files(workdir: str | pathlib.Path, start: int) -> None:
     """Drop the rows of `metrics.jsonl` and `events.jsonl` that a run starting at `start` writes again (and
     any line torn by a kill), so that after any number of restarts the files read as one uninterrupted run."""
-    from clt.metrics import truncate_from
-
     wd = pathlib.Path(workdir)
     for name in ("metrics.jsonl", "events.jsonl"):
         truncate_from(wd / name, start, keep=lambda row: kept_on_restart(start, row))
+
+
+def truncate_from(path: str | pathlib.Path, step: int, keep: Callable[[dict], bool] | None = None) -> None:
+    """Drop rows with step >= `step` unless `keep(row)`; the file is replaced whole (see `write_atomic`)."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        return
+    rows = [r for r in iter_jsonl(p) if r.get("step", -1) < step or (keep is not None and keep(r))]
+    write_atomic(p, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -158,7 +175,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-# Plan-defining fields are checked by the resume-plan rules (checkpoint.check_resume_plan), the model's shape
+# Plan-defining fields are checked by the resume-plan rules (check_resume_plan), the model's shape
 # by the checkpoint's layout, and debug switches are per invocation: none of them is a "setting change".
 _NOT_SETTINGS = ("phases", "budget", "debug", "model.init_from")
 
@@ -174,3 +191,146 @@ def config_changes(old: dict, new: dict) -> dict[str, list]:
         if a.get(k) != b.get(k):
             changed[k] = [a.get(k), b.get(k)]
     return changed
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a checkpoint must agree with: its plan's past, the model's shape, init_from.
+# ----------------------------------------------------------------------------------------------------------
+# Fields that follow from a phase's duration: a `percent` phase may see them change with the budget, and the
+# pinned past wins (the plan that ran is the authority); any other change to a phase that ran is an error.
+_RANGE_FIELDS = {"start", "end", "row_start", "upsample_start", "replay_weights"}
+_RANGE_SCHEDULE_FIELDS = {"warmup", "decay", "cooldown", "anneal", "chain_start"}
+
+
+def phase_changes(old: PhasePlan, new: PhasePlan, percent: bool) -> list[tuple[str, Any, Any]]:
+    """(field, old value, new value) of every change that matters to a phase that ran."""
+    skip = _RANGE_FIELDS if percent else set()
+    old_d, new_d = dataclasses.asdict(old), dataclasses.asdict(new)
+    changed = [(k, old_d[k], new_d[k]) for k in old_d if k not in skip | {"schedule"} and old_d[k] != new_d[k]]
+    s_old, s_new = old.schedule.defining(), new.schedule.defining()
+    skip_s = _RANGE_SCHEDULE_FIELDS if percent else set()
+    changed += [(f"schedule.{k}", s_old.get(k), s_new.get(k)) for k in sorted(s_old.keys() | s_new.keys())
+                if k not in skip_s and s_old.get(k) != s_new.get(k)]
+    return changed
+
+
+def check_resume_plan(cfg: Config, fresh: Plan, meta: dict, step: int, manifest: dict[str, str],
+                      accept_changed_past: bool = False) -> Plan:
+    """The plan to continue with at `step`: phases that started keep what they ran; later ones come from cfg
+    (`fresh` is cfg resolved from scratch).
+
+    Editing future phases, appending phases or pointing a future phase at new data is fine. A change to a
+    phase that has already started, or to the data it trained on, is an error naming the field, unless
+    `accept_changed_past` (the CLI's --accept-changed-past) says the user means it."""
+    if accept_changed_past:
+        return fresh
+    ran = Plan.from_json(meta["plan"]).with_domains(cfg.domain_names())
+    # These fix which example every past row was: changing them would rewrite the past.
+    for field, old, new in (("seed", ran.seed, cfg.seed), ("data.seq_len", ran.seq_len, cfg.data.seq_len),
+                            ("data.block_rows", ran.block_rows, cfg.data.block_rows)):
+        if old != new:
+            raise ConfigError(field, new, f"the run so far used {old}", "restore it, or pass --accept-changed-past")
+    started = [p for p in ran.phases if p.start < step]
+    if len(cfg.phases) < len(started):
+        raise ConfigError("phases", [ph.name for ph in cfg.phases], f"phases that already ran were removed "
+                          f"(ran: {[p.name for p in started]})", "keep them, or pass --accept-changed-past")
+    for old, new, ph in zip(started, fresh.phases, cfg.phases):
+        changed = phase_changes(old, new, percent=ph.percent is not None)
+        if changed:
+            key, before, after = changed[0]
+            raise ConfigError(f"phases.{old.name}.{key}", after, f"phase {old.name!r} already ran (from step "
+                              f"{old.start}) with {key}={before!r}",
+                              "restore its old value, or pass --accept-changed-past to change the past knowingly")
+    for old in started:
+        for d in (d for d, w in zip(ran.domains, old.mixture) if w > 0):
+            before = meta.get("data", {}).get(d)
+            if before is not None and d in manifest and manifest[d] != before:  # gone data is fine: it ran
+                raise ConfigError(f"data.domains.{d}", dict(cfg.data.domains).get(d),
+                                  f"the data of domain {d!r} changed since phase {old.name!r} trained on it",
+                                  "point a new domain name at the new data for future phases, or pass "
+                                  "--accept-changed-past")
+    if list(fresh.phases[:len(started)]) == started:  # the past as it ran: nothing to pin
+        return fresh
+    return resolve(cfg, past=ran, through_step=step)
+
+
+def check_same_init(meta: dict, init_from: str) -> None:
+    """Checkpoints win over init_from, but they must come from the same init_from."""
+    recorded = meta.get("init_from", "")
+    if init_from and recorded != init_from:
+        raise ConfigError("model.init_from", init_from, f"this workdir's checkpoints were started from "
+                          f"{recorded or 'scratch'!r}", "use a new --workdir, or drop --init-from to resume")
+
+
+MODEL_SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "tie_embeddings")
+
+
+def model_record(cfg: Config, dims: Any) -> dict:
+    """What a checkpoint records of the model (`dims` is the run's ModelDims): its shape fields decide
+    whether a resume may restore it."""
+    return dict(preset=cfg.model.preset, param_dtype=cfg.model.param_dtype,
+                **{k: getattr(dims, k) for k in MODEL_SHAPE_FIELDS})
+
+
+def check_model_unchanged(recorded: dict | None, current: dict, step: int) -> None:
+    """A changed model shape on resume is a config error naming the field (not a damaged checkpoint)."""
+    for k in ("param_dtype", *MODEL_SHAPE_FIELDS):
+        if recorded and k in recorded and recorded[k] != current[k]:
+            by_preset = recorded.get("preset") != current["preset"]
+            field = "model.preset" if by_preset else f"model.{k}"
+            raise ConfigError(field, current["preset"] if by_preset else current[k],
+                              f"the checkpoint at step {step} holds a model with {k}={recorded[k]!r} "
+                              f"(preset {recorded.get('preset')!r}), this config gives {current[k]!r}",
+                              "restore the run's model fields, or train in a new --workdir")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where a (re)start begins.
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Start:
+    """Where a run starts: the newest good checkpoint's state, or nothing (step 0)."""
+
+    step: int
+    state: Any
+    """The restored TrainState, or None at step 0."""
+    plan: Plan
+    """The plan to run: the config's, with the past pinned to what ran."""
+    meta: dict
+    """The restored checkpoint's meta; {} at step 0."""
+    quarantined: list[str]
+    """Checkpoints this start found damaged and moved to quarantine."""
+
+
+def find_start(store: Any, cfg: Config, fresh: Plan, manifest: dict[str, str], model: dict, abstract: Any,
+               shardings: Any, accept_changed_past: bool = False) -> Start:
+    """The newest checkpoint in `store` (a checkpoint.CheckpointStore) that passes the config checks above and
+    the store's content checks; damaged ones go to quarantine on the way. No checkpoint: step 0 with `fresh`.
+    Only damaged ones: the store raises NoUsableCheckpoint (starting over would overwrite the run's history)."""
+    plan = fresh
+
+    def check_meta(meta: dict) -> None:  # the config checks of a candidate checkpoint, before its arrays load
+        nonlocal plan
+        check_same_init(meta, cfg.model.init_from)
+        check_model_unchanged(meta.get("model"), model, meta["step"])
+        plan = check_resume_plan(cfg, fresh, meta, meta["step"], manifest, accept_changed_past)
+
+    before = set(store.quarantined())
+    found = store.restore_latest(abstract, shardings, check_meta)
+    if found is None:
+        return Start(0, None, fresh, {}, [])
+    step, state, meta = found
+    return Start(step, state, plan, meta, sorted(set(store.quarantined()) - before))
+
+
+def start_events(start: Start, cfg: Config) -> list[dict]:
+    """What a start records in events.jsonl: checkpoints it quarantined, the resume, changed settings."""
+    now = time.time()
+    events = [dict(event="quarantine", step=start.step, checkpoint=name, time=now) for name in start.quarantined]
+    if start.state is not None:
+        events.append(dict(event="resume", step=start.step, time=now))
+        changes = config_changes(start.meta["config"], cfg.to_dict()) if "config" in start.meta else {}
+        if changes:
+            events.append(dict(event="config_change", step=start.step, changes=changes, time=now))
+    return events

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from clt.config import Config, ConfigError, MeshConfig
-from clt.model import ModelDims, Transformer, resolve_dims
+from clt.model import ModelDims
 from clt.plan import Plan
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -77,24 +77,22 @@ def _divisors(n: int, limit: int = 8) -> str:
     return ", ".join(map(str, found[:limit])) + (", ..." if len(found) > limit else "")
 
 
-def check_layout(cfg: Config, plan: Plan, n_devices: int | None, vocab_size: int | None = None) -> None:
+def check_layout(cfg: Config, plan: Plan, n_devices: int | None, dims: ModelDims, vocab_known: bool = True) -> None:
     """Everything about the mesh, the model's shape and the batch sizes that must divide, checked before
     anything is compiled, with the config field to change; raises ConfigError.
 
     `n_devices` is the machine's device count (`jax.device_count()` at train time, `--devices N` in `clt plan
-    show`); None checks only what needs no device count (an axis given as -1 is then unknown). `vocab_size`
-    is the model's final vocabulary; None takes `model.vocab_size`, and leaves the vocabulary unchecked when
-    that is 0 (it follows the data, which `clt plan show` does not read).
+    show`); None checks only what needs no device count (an axis given as -1 is then unknown). `dims` is the
+    model's shape; `vocab_known=False` leaves its vocabulary unchecked (it follows the data, which `clt plan
+    show` does not read).
     """
-    dims = resolve_dims(cfg.model, vocab_size or 128)  # 128: a placeholder; only the vocab depends on the data
-    vocab = vocab_size or cfg.model.vocab_size or None
+    vocab = dims.vocab_size if vocab_known else None
     if n_devices is not None:
         sizes: dict[str, int | None] = dict(mesh_axis_sizes(cfg.mesh, n_devices))
     else:
         cfg.mesh.check("mesh")
         sizes = {k: None if v == -1 else v for k, v in (("data", cfg.mesh.data), ("fsdp", cfg.mesh.fsdp),
                                                          ("tensor", cfg.mesh.tensor))}
-
     # Weights: tensor splits heads, kv heads, d_ff and the vocabulary; fsdp splits d_model (see LOGICAL_RULES).
     tensor, fsdp = sizes["tensor"], sizes["fsdp"]
     if tensor is not None and tensor > 1:
@@ -191,20 +189,6 @@ def tree_shardings(mesh: Mesh, tree: Any, params_shardings: Any) -> Any:
 
     return jax.tree.map(lambda node: params_shardings if mirrors_params(node) else replicated(mesh),
                         tree, is_leaf=mirrors_params)
-
-
-def create_model(dims: ModelDims, mesh: Mesh, *, seed: int, **model_kwargs: Any) -> Transformer:
-    """The model initialised directly into its shards: a jitted init with the rules' out_shardings, so
-    no device ever holds a full replica. The same seed gives the same weights on any mesh (JAX's
-    partitionable threefry draws each element independently of the layout)."""
-    def init(key: jax.Array) -> nnx.State:
-        return nnx.state(Transformer(dims, rngs=nnx.Rngs(key), **model_kwargs))
-
-    key = jax.random.key(seed)  # an argument, not a constant: one compiled init serves every seed
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: Transformer(dims, rngs=nnx.Rngs(0), **model_kwargs)))
-    with use_mesh(mesh):
-        state = jax.jit(init, in_shardings=replicated(mesh), out_shardings=shardings_of(mesh, abstract_state))(key)
-    return nnx.merge(graphdef, state)
 
 
 def _check_divisible(mesh: Mesh, where: str, var: nnx.Variable) -> None:

@@ -41,6 +41,7 @@ from conftest import smoke_overrides
 from test_checkpoint import comparable_events, comparable_metrics, final_arrays
 
 from clt import checkpoint, config, plan as plan_lib, replay, resume, train
+from clt import step as step_lib
 from clt.config import ConfigError
 from clt.metrics import read_jsonl
 
@@ -581,9 +582,9 @@ def guard(losses: list[float], switches: set[int], factor: float, restart: bool)
     for step, loss in enumerate(losses):
         if restart and step in switches:
             mean, count = f32(0), 0
-        ok = math.isfinite(loss) and not (count >= train.SPIKE_WARMUP and f32(loss) > f32(factor) * mean)
+        ok = math.isfinite(loss) and not (count >= step_lib.SPIKE_WARMUP and f32(loss) > f32(factor) * mean)
         if ok:
-            mean = f32(loss) if count == 0 else f32(train.EMA_DECAY) * mean + f32(1 - train.EMA_DECAY) * f32(loss)
+            mean = f32(loss) if count == 0 else f32(step_lib.EMA_DECAY) * mean + f32(1 - step_lib.EMA_DECAY) * f32(loss)
             count += 1
         applied.append(ok)
         means.append(float(mean))
@@ -615,7 +616,7 @@ def test_spike_guard_restarts_at_a_switch_to_a_harder_domain(demo_data, tmp_path
     applied, means = guard(losses, switches, 1.05, restart=True)
     skipped_total = list(np.cumsum([not a for a in applied]))
     assert [r.get("skipped_total", 0) for r in rows] == skipped_total
-    assert all(applied[30:30 + train.SPIKE_WARMUP]), "no skip right after the switch"
+    assert all(applied[30:30 + step_lib.SPIKE_WARMUP]), "no skip right after the switch"
     np.testing.assert_allclose([r["loss_ema"] for r in rows], means, rtol=1e-6)
     assert rows[30]["loss_ema"] == rows[30]["loss"]  # the mean restarts from the switch step's own loss
 

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from clt.config import ConfigError
-from clt.metrics import JsonlWriter, TensorBoardSink, read_jsonl, truncate_from
+from clt.metrics import JsonlWriter, TensorBoardSink, read_jsonl
 
 
 def test_rows_round_trip_and_a_torn_last_line_is_skipped(tmp_path):
@@ -18,16 +18,12 @@ def test_rows_round_trip_and_a_torn_last_line_is_skipped(tmp_path):
     assert read_jsonl(tmp_path / "m.jsonl") == [dict(step=0, loss=1.5), dict(step=1, loss="nan")]
 
 
-def test_truncate_from_drops_rows_at_or_after_the_step_unless_kept(tmp_path):
-    w = JsonlWriter(tmp_path / "e.jsonl")
-    for row in (dict(step=3, event="a"), dict(step=5, event="checkpoint"), dict(step=5, event="phase_start"),
-                dict(step=7, event="preempted"), dict(step=8, event="b")):
-        w.write(row)
-    w.close()
-    truncate_from(tmp_path / "e.jsonl", 5, keep=lambda r: r["event"] in ("checkpoint", "preempted"))
-    assert [r["event"] for r in read_jsonl(tmp_path / "e.jsonl")] == ["a", "checkpoint", "preempted"]
-    truncate_from(tmp_path / "e.jsonl", 4)
-    assert [r["event"] for r in read_jsonl(tmp_path / "e.jsonl")] == ["a"]
+def test_tensorboard_sink_writes_event_files(tmp_path):
+    pytest.importorskip("tensorboardX")
+    sink = TensorBoardSink(tmp_path / "tb")
+    sink.write(dict(step=3, loss=2.0, phase="base"))
+    sink.close()
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboardX") is not None, reason="tensorboardX is installed")
@@ -35,11 +31,3 @@ def test_tensorboard_sink_without_the_package_says_how_to_get_it(tmp_path):
     with pytest.raises(ConfigError, match=r"log.tensorboard = True: needs the tensorboardX package.*; pip install "
                                           r"tensorboardX"):
         TensorBoardSink(tmp_path / "tb")
-
-
-def test_tensorboard_sink_writes_event_files(tmp_path):
-    pytest.importorskip("tensorboardX")
-    sink = TensorBoardSink(tmp_path / "tb")
-    sink.write(dict(step=3, loss=2.0, phase="base"))
-    sink.close()
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())

@@ -68,3 +68,15 @@ def test_settings_changes_are_listed_but_plan_and_debug_fields_are_not():
                model=dict(init_from="ckpt:z"))
     assert resume.config_changes(old, new) == {"optim.weight_decay": [0.1, 0.05], "data.eval_batch": [16, 8],
                                                "data.domains": [{"a": "x"}, {"a": "x", "b": "y"}]}
+
+
+def test_truncate_from_drops_rows_at_or_after_the_step_unless_kept(tmp_path):
+    w = JsonlWriter(tmp_path / "e.jsonl")
+    for row in (dict(step=3, event="a"), dict(step=5, event="checkpoint"), dict(step=5, event="phase_start"),
+                dict(step=7, event="preempted"), dict(step=8, event="b")):
+        w.write(row)
+    w.close()
+    resume.truncate_from(tmp_path / "e.jsonl", 5, keep=lambda r: r["event"] in ("checkpoint", "preempted"))
+    assert [r["event"] for r in read_jsonl(tmp_path / "e.jsonl")] == ["a", "checkpoint", "preempted"]
+    resume.truncate_from(tmp_path / "e.jsonl", 4)
+    assert [r["event"] for r in read_jsonl(tmp_path / "e.jsonl")] == ["a"]

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import collections
 import functools
+import pathlib
 import zlib
 from typing import Callable, Iterator, Mapping
 
 import grain
 import numpy as np
 
-from clt.config import ConfigError
+from clt.config import Config, ConfigError
 from clt.data.shards import DomainData
 from clt.mixture import MixtureSchedule, slot_names
 from clt.plan import PhasePlan, Plan
@@ -44,6 +45,39 @@ def check_sequences_fit(data: Mapping[str, DomainData], seq_len: int) -> None:
         if n < seq_len + 1:
             raise ConfigError("data.seq_len", seq_len, f"domain {d!r} has {n} training tokens, fewer than seq_len + 1",
                               f"set data.seq_len <= {n - 1}, or prepare more text for it")
+
+
+def load_domains(cfg: Config) -> dict[str, DomainData]:
+    """The declared domains whose prepared data exists (a domain only past phases used may be deleted);
+    their sequences fit `seq_len` and they share one tokenizer."""
+    data = {name: DomainData(path) for name, path in cfg.data.domains if pathlib.Path(path).exists()}
+    if not data:
+        name, path = cfg.data.domains[0]
+        DomainData(path)  # raises the ShardError that says to run `clt prepare`
+    check_sequences_fit(data, cfg.data.seq_len)
+    tokenizers = {d.tokenizer for d in data.values()}
+    if len(tokenizers) > 1:
+        raise ConfigError("data.domains", dict(cfg.data.domains), f"domains use different tokenizers {tokenizers}",
+                          "prepare every domain with the same --tokenizer")
+    return data
+
+
+def check_data_needed(plan: Plan, data: Mapping[str, DomainData], start: int, cfg: Config) -> None:
+    """Every domain a phase from `start` on draws from (fresh, replay or upsampling) must have its data."""
+    paths = dict(cfg.data.domains)
+    for p in plan.phases:
+        if p.end <= start:
+            continue
+        weights = [p.mixture, p.replay_weights if p.replay_source == "mixture" else (), p.upsample_mixture or ()]
+        for w in weights:
+            for d, x in zip(plan.domains, w):
+                if x > 0 and d not in data:
+                    DomainData(paths[d])  # raises: no prepared domain at PATH, run `clt prepare`
+
+
+def data_manifest(cfg: Config, data: Mapping[str, DomainData]) -> dict[str, str]:
+    """Each present domain's content hash: a resume refuses data that changed under a phase that ran."""
+    return {name: data[name].manifest_hash() for name, _ in cfg.data.domains if name in data}
 
 
 class BatchSource:
