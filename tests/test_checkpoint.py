@@ -9,10 +9,10 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import smoke_overrides
 
-from clt import checkpoint, config, resume, sharding, train
+from clt import checkpoint, config, resume, sharding, step, train
 from clt.config import ConfigError
 from clt.metrics import read_jsonl
-from clt.model import resolve_dims
+from clt.step import resolve_dims
 from clt.optim import make_optimizer
 
 TIMING = {"tokens_per_s", "mfu"}
@@ -139,8 +139,8 @@ def test_init_from_takes_weights_with_fresh_optimizer_and_step(demo_data, refere
 def _state_on(mesh, seed=0):
     dims = resolve_dims(config.ModelConfig(preset="tiny"), 256)
     tx = make_optimizer(config.OptimConfig())
-    _, params, abstract, shardings = train.state_layout(dims, mesh, tx, seed=seed, dtype=jnp.float32)
-    return train.init_state(params, tx, shardings), abstract, shardings
+    _, params, abstract, shardings = step.state_layout(dims, mesh, tx, seed=seed, dtype=jnp.float32)
+    return step.init_state(params, tx, shardings), abstract, shardings
 
 
 @pytest.mark.parametrize("target", [dict(n=1, data=1, fsdp=1, tensor=1), dict(n=2, data=1, fsdp=1, tensor=2),
@@ -229,12 +229,13 @@ def test_a_field_the_schedule_kind_ignores_is_not_a_change(demo_data, reference,
     meta = store.meta(28)
     store.close()
     meta["plan"]["phases"][0]["schedule"]["shape"] = "1-sqrt"  # cosine ignores it
-    from clt.checkpoint import check_resume_plan
-    from clt.train import data_manifest, load_domains
+    from clt.data.pipeline import data_manifest, load_domains
+    from clt.plan import resolve
+    from clt.resume import check_resume_plan
 
     cfg = config.from_dict(raw_smoke(demo_data))
     manifest = data_manifest(cfg, load_domains(cfg))
-    check_resume_plan(cfg, meta, 28, manifest)  # accepted
+    check_resume_plan(cfg, resolve(cfg), meta, 28, manifest)  # accepted
     meta["plan"]["phases"][0]["schedule"]["end"] = 1e-6  # cosine reads it
     with pytest.raises(ConfigError, match=r"phases\.base\.schedule\.end.*already ran"):
-        check_resume_plan(cfg, meta, 28, manifest)
+        check_resume_plan(cfg, resolve(cfg), meta, 28, manifest)

@@ -192,29 +192,12 @@ class Shard:
                 or self.doc_bytes.shape != (self.num_docs,)):
             raise ShardError(f"document index of {self.path} disagrees with index.json: re-run `clt prepare`")
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self._index["num_tokens"])
-
-    @property
-    def num_docs(self) -> int:
-        return int(self._index["num_docs"])
-
-    @property
-    def num_bytes(self) -> int:
-        return int(self._index["num_bytes"])
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self._index["vocab_size"])
-
-    @property
-    def eos_id(self) -> int:
-        return int(self._index["eos_id"])
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._index["bos_id"]
+    num_tokens = property(lambda self: int(self._index["num_tokens"]), doc="Tokens in the stream (EOS included).")
+    num_docs = property(lambda self: int(self._index["num_docs"]), doc="Documents in the stream.")
+    num_bytes = property(lambda self: int(self._index["num_bytes"]), doc="UTF-8 bytes of the documents' text.")
+    vocab_size = property(lambda self: int(self._index["vocab_size"]), doc="The tokenizer's vocabulary size.")
+    eos_id = property(lambda self: int(self._index["eos_id"]), doc="The id that ends every document.")
+    bos_id = property(lambda self: self._index["bos_id"], doc="The id that starts documents, or None.")
 
     @property
     def tokenizer(self) -> str:
