@@ -145,7 +145,7 @@ def schedule_base(name: str | None, overrides: Sequence[str]) -> dict:
     kinds that share a name with a preset (cosine, constant, power)."""
     import difflib
 
-    from clt import config
+    from clt import config, schedule
 
     presets = config.preset_names("schedules")
     if name is None:
@@ -155,12 +155,12 @@ def schedule_base(name: str | None, overrides: Sequence[str]) -> dict:
         return {}
     if name in presets:
         return {"preset": name}
-    if name in config.SCHEDULE_KINDS:
+    if name in schedule.KINDS:
         return {"kind": name}
-    close = difflib.get_close_matches(name, presets + list(config.SCHEDULE_KINDS), n=1)
+    close = difflib.get_close_matches(name, presets + list(schedule.KINDS), n=1)
     raise ConfigError("NAME", name, "neither a preset in schedules/ nor a built-in kind",
                       f"did you mean {close[0]!r}?" if close else
-                      f"use a preset ({', '.join(presets)}) or a kind ({', '.join(config.SCHEDULE_KINDS)})")
+                      f"use a preset ({', '.join(presets)}) or a kind ({', '.join(schedule.KINDS)})")
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:

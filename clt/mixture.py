@@ -15,14 +15,11 @@ through the domain's epochs instead of repeating its first examples; the replay 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from clt.plan import PhasePlan, Plan
+from clt.plan import PhasePlan, Plan, fresh_weights, weight_spans
 
 
 def slot_names(domains: tuple[str, ...]) -> list[str]:
@@ -45,21 +42,7 @@ def largest_remainder(total: int, weights: np.ndarray, tie_rank: np.ndarray | No
     return counts
 
 
-def fresh_weights(plan: "Plan", p: "PhasePlan", step: int) -> np.ndarray:
-    """Weights of fresh data at `step` of phase `p`: mixture, upsampling window, or a blend step."""
-    w = np.asarray(p.mixture, np.float64)
-    if p.upsample_start is not None and step >= p.upsample_start:
-        w = np.asarray(p.upsample_mixture, np.float64)
-    t = step - p.start
-    if p.index > 0 and t < p.blend_steps:
-        prev = plan.phases[p.index - 1]
-        w_prev = np.asarray(prev.upsample_mixture if prev.upsample_mixture is not None else prev.mixture)
-        a = (t + 1) / (p.blend_steps + 1)  # every blend step differs from both ends
-        w = (1 - a) * w_prev + a * w
-    return w
-
-
-def slot_weights(plan: "Plan", p: "PhasePlan", step: int) -> np.ndarray:
+def slot_weights(plan: Plan, p: PhasePlan, step: int) -> np.ndarray:
     """Nominal weight of every slot at `step`: (1 - r) x fresh, r x replay weights (or the buffer)."""
     D = len(plan.domains)
     out = np.zeros(2 * D + 1)
@@ -138,18 +121,12 @@ def _per_block(stage: Stage, D: int) -> np.ndarray:
     return np.bincount(counter_of(np.repeat(np.arange(len(stage.counts)), stage.counts), D), minlength=D + 1)
 
 
-def _phase_stages(plan: "Plan", p: "PhasePlan", first_index: int, draws_before: np.ndarray) -> list[Stage]:
+def _phase_stages(plan: Plan, p: PhasePlan, first_index: int, draws_before: np.ndarray) -> list[Stage]:
     """A phase's stages: each blend step on its own (one block of its batch), the main part, the upsampling."""
     D = len(plan.domains)
-    bounds = [(s, s + 1, p.batch_size) for s in range(p.start, p.start + p.blend_steps)]
-    main_end = p.upsample_start if p.upsample_start is not None else p.end
-    bounds.append((p.start + p.blend_steps, main_end, plan.block_rows))
-    if p.upsample_start is not None:
-        bounds.append((p.upsample_start, p.end, plan.block_rows))
     stages, draws = [], draws_before
-    for s0, s1, K in bounds:
-        if s1 <= s0:
-            continue
+    for s0, s1 in weight_spans(p):
+        K = p.batch_size if s0 < p.start + p.blend_steps else plan.block_rows  # a blend step: one block of its batch
         w = slot_weights(plan, p, s0)
         rows0 = p.row_start + (s0 - p.start) * p.batch_size
         stage = Stage(index=first_index + len(stages), phase=p.index, step_start=s0, step_end=s1,
@@ -164,7 +141,7 @@ def _phase_stages(plan: "Plan", p: "PhasePlan", first_index: int, draws_before: 
 class MixtureSchedule:
     """The stages of a plan and the row assignment of any step."""
 
-    def __init__(self, plan: "Plan"):
+    def __init__(self, plan: Plan):
         self.plan = plan
         self.D = len(plan.domains)
         self.stages: list[Stage] = []
@@ -212,17 +189,3 @@ class MixtureSchedule:
     def rows_at(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(slot, draw index) of every row of `step`'s batch."""
         return self.rows(self.plan.rows_before(step), self.plan.phase_at(step).batch_size)
-
-
-def resolve_replay_weights(plan: "Plan") -> "Plan":
-    """Fill in pro-rata replay weights: each domain in proportion to the fresh rows earlier phases drew."""
-    phases = list(plan.phases)
-    for i, p in enumerate(phases):
-        if p.replay_share > 0 and p.replay_source == "mixture" and not p.replay_weights:
-            partial = dataclasses.replace(plan, phases=tuple(phases[:i]))
-            fresh = np.zeros(len(plan.domains))
-            for stage in MixtureSchedule(partial).stages:
-                n_rows = stage.row_end - stage.row_start
-                fresh += stage.weights[:len(plan.domains)] * n_rows
-            phases[i] = dataclasses.replace(p, replay_weights=tuple(float(x) for x in fresh / fresh.sum()))
-    return dataclasses.replace(plan, phases=tuple(phases))

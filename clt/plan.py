@@ -3,7 +3,9 @@
 Every duration (steps, tokens, percent of a budget) and every fraction (warmup, decay, cooldown, anneal,
 upsampling window) becomes an integer number of steps here, once, with the rounding rules of DESIGN.md:
 tokens -> ceil(tokens / (batch x seq_len)); fractions -> round(fraction x phase steps). Everything downstream
-(schedule.py, mixture.py, the data pipeline, the trainer) reads only the resolved `Plan`.
+(schedule.py, mixture.py, the data pipeline, the trainer) reads only the resolved `Plan`. A phase's schedule
+is resolved through the registry of kinds in schedule.py (its lengths become steps), and replay weights pro
+rata to earlier phases' fresh rows are computed here (`fresh_weights`: what holds at step s).
 
 The resolved plan is written to `<workdir>/plan.json` when a run starts and is the authority on resume:
 phases that already ran keep their step ranges even if the config's percents change later (`resolve(...,
@@ -20,41 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clt.config import DEFAULT_SHAPE, Config, ConfigError, PhaseConfig, ScheduleConfig
-from clt.mixture import resolve_replay_weights
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A phase's LR segment with every length in steps (see schedule.py for the formulas)."""
-
-    kind: str
-    peak: float
-    end: float
-    warmup: int = 0
-    decay: int = 0
-    """wsd/power: decay steps at the end of the segment."""
-    shape: str = ""
-    const: float = 0.0
-    cooldown: int = 0
-    anneal: int = 0
-    anneal_shape: str = "exponential"
-    branch: bool = False
-    alpha: float = 1.0
-    a: float = 4.0
-    b: float = -0.51
-    chain_start: int = 0
-    """infinite: first step of the run of consecutive infinite phases (warmup and cooldown happen once)."""
-
-    def defining(self) -> dict:
-        """The fields this kind's formula reads: what "the schedule changed" means on resume (a field the kind
-        ignores, like a cosine's `shape`, may differ in a plan.json written by another clt version)."""
-        used = {"constant": ("warmup",), "linear": ("warmup", "end"), "cosine": ("warmup", "end"),
-                "inverse_sqrt": ("warmup",), "wsd": ("warmup", "end", "decay", "shape"),
-                "infinite": ("warmup", "end", "shape", "const", "cooldown", "anneal", "anneal_shape", "branch",
-                             "alpha", "chain_start"),
-                "power": ("warmup", "end", "decay", "a", "b")}[self.kind]
-        return {"kind": self.kind, "peak": self.peak, **{k: getattr(self, k) for k in used}}
+from clt.config import Config, ConfigError, PhaseConfig
+from clt.schedule import KINDS, Schedule, length_fields
 
 
 @dataclass(frozen=True)
@@ -71,7 +40,8 @@ class PhasePlan:
     row_start: int
     """Global row (sequence) number of the phase's first row."""
     mixture: tuple[float, ...]
-    schedule: Segment
+    schedule: Schedule
+    """The phase's LR segment, every length in steps."""
     optimizer: str = "keep"
     replay_share: float = 0.0
     replay_source: str = "mixture"
@@ -137,7 +107,7 @@ class Plan:
         phases = []
         for p in d["phases"]:
             p = dict(p)
-            p["schedule"] = Segment(**p["schedule"])
+            p["schedule"] = Schedule(**p["schedule"])
             for k in ("mixture", "replay_weights"):
                 p[k] = tuple(p[k])
             if p.get("upsample_mixture") is not None:
@@ -200,40 +170,48 @@ def _phase_steps(ph: PhaseConfig, cfg: Config, batch: int, path: str) -> int:
     return steps
 
 
-def _segment(s: ScheduleConfig, T: int, start: int, chain_head: Segment | None, path: str) -> Segment:
-    s = dataclasses.replace(s, shape=s.shape or DEFAULT_SHAPE.get(s.kind, ""))
-    W = _frac_steps(s.warmup, T, f"{path}.warmup")
-    if s.kind == "power" and s.decay > 0 and s.end <= 0:
-        raise ConfigError(f"{path}.end", s.end, "the power schedule's exponential decay needs end > 0",
-                          "set end to e.g. 1e-5")
-    if s.kind == "infinite":
-        A = _frac_steps(s.anneal, T, f"{path}.anneal")
-        if chain_head is None:  # this phase starts the infinite run: warmup and cooldown happen here
-            C = _frac_steps(s.cooldown, T, f"{path}.cooldown")
-            seg = Segment(kind="infinite", peak=s.peak, end=s.end, warmup=W, shape=s.shape, const=s.const,
-                          cooldown=C, anneal=A, anneal_shape=s.anneal_shape, branch=s.branch, alpha=s.alpha,
-                          chain_start=start)
-        else:  # continues the run at const: no re-warm (the point of the infinite schedule)
-            seg = dataclasses.replace(chain_head, end=s.end, anneal=A, anneal_shape=s.anneal_shape,
-                                      branch=s.branch)
-        # The anneal must start after the warmup and cooldown are done.
-        ramp_end = seg.chain_start + seg.warmup + seg.cooldown
-        if A and start + T - A < ramp_end:
-            raise ConfigError(f"{path}.anneal", s.anneal, f"the anneal ({A} steps) starts before warmup+cooldown "
-                              f"end at step {ramp_end}", "shorten the anneal, warmup or cooldown")
-        if chain_head is None and W >= T:
-            raise ConfigError(f"{path}.warmup", s.warmup, f"warmup ({W} steps) must be shorter than the phase "
-                              f"({T} steps)", "shorten the warmup")
-        return seg
-    D = _frac_steps(s.decay, T, f"{path}.decay") if s.kind in ("wsd", "power") else 0
+def _segment(s: Schedule, T: int, start: int, chain_head: Schedule | None, path: str) -> Schedule:
+    """A config's schedule -> the phase's segment: the lengths its kind reads in steps, the others 0."""
+    kind = KINDS[s.kind]
+    if kind.chains:
+        return _chained_segment(s, T, start, chain_head, path)
+    steps = {name: _frac_steps(getattr(s, name), T, f"{path}.{name}") for name in kind.lengths}
+    W = steps.get("warmup", 0)
     if W >= T and W > 0:
         raise ConfigError(f"{path}.warmup", s.warmup, f"warmup ({W} steps) must be shorter than the phase "
                           f"({T} steps)", "shorten the warmup or lengthen the phase")
-    if W + D > T:
-        raise ConfigError(f"{path}.decay", s.decay, f"warmup ({W}) + decay ({D}) steps exceed the phase ({T})",
-                          "shorten the warmup or the decay")
-    return Segment(kind=s.kind, peak=s.peak, end=s.end, warmup=W, decay=D, shape=s.shape, a=s.a, b=s.b,
-                   chain_start=start)
+    for name, L in steps.items():
+        if name != "warmup" and W + L > T:
+            raise ConfigError(f"{path}.{name}", getattr(s, name), f"warmup ({W}) + {name} ({L}) steps exceed the "
+                              f"phase ({T})", f"shorten the warmup or the {name}")
+    return _with_steps(s, start, steps)
+
+
+def _with_steps(s: Schedule, start: int, steps: dict[str, int]) -> Schedule:
+    """`s` starting at `start` with its lengths in `steps`, the lengths its kind does not read 0 and the kind's
+    default shape where the config left it out."""
+    unread = {name: 0 for name in length_fields() - steps.keys()}
+    return dataclasses.replace(s, shape=s.shape or KINDS[s.kind].shape, chain_start=start, **steps, **unread)
+
+
+def _chained_segment(s: Schedule, T: int, start: int, head: Schedule | None, path: str) -> Schedule:
+    """The infinite kind, whose segment spans consecutive phases of the kind: the first phase of the run (no
+    `head`) resolves the warmup and cooldown, which happen once; a later phase continues the head's segment at
+    const (no re-warm, the point of the schedule), taking only the kind's `chains` fields (its anneal) from
+    its own config."""
+    kind = KINDS[s.kind]
+    own = {name: _frac_steps(getattr(s, name), T, f"{path}.{name}") if name in kind.lengths else getattr(s, name)
+           for name in (kind.chains if head is not None else kind.lengths)}
+    seg = _with_steps(s, start, own) if head is None else dataclasses.replace(head, **own)
+    # The anneal must start after the warmup and cooldown are done.
+    ramp_end = seg.chain_start + seg.warmup + seg.cooldown
+    if seg.anneal and start + T - seg.anneal < ramp_end:
+        raise ConfigError(f"{path}.anneal", s.anneal, f"the anneal ({seg.anneal} steps) starts before "
+                          f"warmup+cooldown end at step {ramp_end}", "shorten the anneal, warmup or cooldown")
+    if head is None and seg.warmup >= T:
+        raise ConfigError(f"{path}.warmup", s.warmup, f"warmup ({seg.warmup} steps) must be shorter than the phase "
+                          f"({T} steps)", "shorten the warmup")
+    return seg
 
 
 def _weights(mix: tuple[tuple[str, float], ...], domains: tuple[str, ...]) -> tuple[float, ...]:
@@ -250,18 +228,16 @@ def resolve(cfg: Config, past: Plan | None = None, through_step: int = 0) -> Pla
     phases: list[PhasePlan] = list(kept)
     step = kept[-1].end if kept else 0
     row = kept[-1].row_start + kept[-1].rows if kept else 0
-    chain_head = None
-    if kept and kept[-1].schedule.kind == "infinite":
-        chain_head = kept[-1].schedule
+    chain_head = kept[-1].schedule if kept and _chains(kept[-1].schedule) else None
     for i, ph in enumerate(cfg.phases):
         if i < len(kept):
             continue
         path = f"phases.{ph.name}"
         batch = ph.batch_size or cfg.batch_size
         T = _phase_steps(ph, cfg, batch, path)
-        seg = _segment(ph.schedule, T, step, chain_head if ph.schedule.kind == "infinite" else None,
-                       f"{path}.schedule")
-        chain_head = seg if seg.kind == "infinite" else None
+        head = chain_head if chain_head is not None and chain_head.kind == ph.schedule.kind else None
+        seg = _segment(ph.schedule, T, step, head, f"{path}.schedule")
+        chain_head = seg if _chains(seg) else None
         up_start = up_mix = None
         if ph.upsample is not None:
             L = _frac_steps(ph.upsample.last, T, f"{path}.upsample.last")
@@ -290,4 +266,51 @@ def resolve(cfg: Config, past: Plan | None = None, through_step: int = 0) -> Pla
                           f"or reordered (ran: {[p.name for p in kept]})", "keep past phases as they were")
     plan = Plan(domains=domains, seq_len=cfg.data.seq_len, seed=cfg.seed, block_rows=cfg.data.block_rows,
                 phases=tuple(phases))
-    return resolve_replay_weights(plan)
+    return _with_pro_rata_replay(plan)
+
+
+def _chains(s: Schedule) -> bool:
+    """Whether a later phase of the same kind continues this segment (a kind this clt lacks does not)."""
+    return s.kind in KINDS and bool(KINDS[s.kind].chains)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What holds at step s, and the replay weights that follow from it.
+# ----------------------------------------------------------------------------------------------------------
+def weight_spans(p: PhasePlan) -> list[tuple[int, int]]:
+    """Runs [s0, s1) of a phase's steps with constant fresh weights: each blend step on its own (the weights
+    change every step), the main part, the upsampling window; empty runs are left out."""
+    spans = [(s, s + 1) for s in range(p.start, p.start + p.blend_steps)]
+    main_end = p.upsample_start if p.upsample_start is not None else p.end
+    spans.append((p.start + p.blend_steps, main_end))
+    if p.upsample_start is not None:
+        spans.append((p.upsample_start, p.end))
+    return [(s0, s1) for s0, s1 in spans if s1 > s0]
+
+
+def fresh_weights(plan: Plan, p: PhasePlan, step: int) -> np.ndarray:
+    """Weights of fresh data at `step` of phase `p`: mixture, upsampling window, or a blend step."""
+    w = np.asarray(p.mixture, np.float64)
+    if p.upsample_start is not None and step >= p.upsample_start:
+        w = np.asarray(p.upsample_mixture, np.float64)
+    t = step - p.start
+    if p.index > 0 and t < p.blend_steps:
+        prev = plan.phases[p.index - 1]
+        w_prev = np.asarray(prev.upsample_mixture if prev.upsample_mixture is not None else prev.mixture)
+        a = (t + 1) / (p.blend_steps + 1)  # every blend step differs from both ends
+        w = (1 - a) * w_prev + a * w
+    return w
+
+
+def _with_pro_rata_replay(plan: Plan) -> Plan:
+    """Fill in pro-rata replay weights: each domain in proportion to the fresh rows earlier phases drew, i.e.
+    the sum over their weight spans of (1 - replay share) x fresh weights x rows (in this order: the weights
+    of a plan.json must not change with the clt version)."""
+    phases = list(plan.phases)
+    fresh = np.zeros(len(plan.domains))
+    for i, p in enumerate(phases):
+        if p.replay_share > 0 and p.replay_source == "mixture" and not p.replay_weights:
+            phases[i] = dataclasses.replace(p, replay_weights=tuple(float(x) for x in fresh / fresh.sum()))
+        for s0, s1 in weight_spans(p):
+            fresh += ((1 - p.replay_share) * fresh_weights(plan, p, s0)) * ((s1 - s0) * p.batch_size)
+    return dataclasses.replace(plan, phases=tuple(phases))

@@ -13,7 +13,8 @@ from clt.config import ConfigError, MonitorConfig
 from clt.metrics import read_jsonl
 from clt.mixture import MixtureSchedule, slot_names
 from clt.monitor import eval_curves, stability, switch_windows
-from clt.plan import Plan, Segment
+from clt.plan import Plan
+from clt.schedule import Schedule as Segment, describe
 
 
 def _fmt_count(n: float) -> str:
@@ -42,30 +43,7 @@ def _fmt_mix(weights: tuple[float, ...] | None, domains: tuple[str, ...], short:
 
 def describe_segment(seg: Segment, short: bool = False) -> str:
     """A segment in words; `short` is the narrow form of the plan table (LRs as peak->end, lengths in steps)."""
-    if short:
-        lrs = [seg.peak] + ([seg.const] if seg.kind == "infinite" else [])
-        if seg.kind in ("linear", "cosine", "wsd", "power") or (seg.kind == "infinite" and seg.anneal):
-            lrs.append(seg.end)
-        s = f"{seg.kind} {'->'.join(_fmt_lr(x) for x in lrs)}"
-        s += f" w{seg.warmup}" if seg.warmup else ""
-        if seg.kind in ("wsd", "power") and seg.decay:
-            s += f" decay {seg.decay}" + (f" {seg.shape}" if seg.kind == "wsd" and seg.shape != "1-sqrt" else "")
-        if seg.kind == "infinite":
-            s += f" cool {seg.cooldown}" + (f" {seg.shape}" if seg.shape != "cosine" else "")
-            s += f" anneal {seg.anneal}" + (" branch" if seg.branch else "") if seg.anneal else ""
-        return s
-    s = f"{seg.kind} peak={seg.peak:g}"
-    if seg.warmup:
-        s += f" warmup={seg.warmup}"
-    if seg.kind in ("linear", "cosine", "wsd", "infinite", "power"):
-        s += f" end={seg.end:g}"
-    if seg.kind in ("wsd", "power") and seg.decay:
-        s += f" decay={seg.decay}" + (f" ({seg.shape})" if seg.kind == "wsd" else "")
-    if seg.kind == "infinite":
-        s += f" const={seg.const:g} cooldown={seg.cooldown} ({seg.shape})"
-        if seg.anneal:
-            s += f" anneal={seg.anneal} ({seg.anneal_shape}{', branch' if seg.branch else ''})"
-    return s
+    return describe(seg, short)
 
 
 # Narrow plan table: columns that only repeat their default are left out ("--wide" shows them all), and these

@@ -157,7 +157,7 @@ def test_init_from_needs_a_prefix_and_a_folder():
 
 def test_empty_domains_are_reported_before_the_mixtures_that_name_them():
     error(base(data=dict(domains={})), r"^data.domains = \{\}: no domains declared; add data.domains=")
-    assert config._did_you_mean("prose", []) == "none are declared yet"
+    assert config.did_you_mean("prose", []) == "none are declared yet"
 
 
 def test_config_path_must_be_a_python_file(tmp_path):

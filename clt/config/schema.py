@@ -1,34 +1,27 @@
-"""Experiment configs: load a `get_config()` file, apply `key=value` overrides, validate into frozen dataclasses.
+"""The config's field groups: frozen dataclasses, each documenting its fields and checking them in `check()`.
 
-A config file returns an `ml_collections.ConfigDict` (the big_vision convention). It is read once, turned
-into plain Python, overridden from the command line (MaxText style: positional dotted `key=value` after the
-config path), then validated into the frozen dataclasses below. Nothing reads the raw ConfigDict after that,
-so a misspelt key can never silently fall back to a default: unknown keys are errors with a suggestion.
-
-Every dataclass documents its fields where they are defined and checks them in `check()`, next to the
-fields. Errors are `ConfigError`s naming the field path, the bad value and the fix; the CLI prints them as
-one line and exits 2.
+Errors are `ConfigError`s naming the field path, the bad value and the fix; the CLI prints them as one line
+and exits 2. A phase's `schedule` is `clt.schedule.Schedule`, whose kinds and kind-specific checks live in
+that module's registry; `check_schedule` turns its problems into ConfigErrors here. Building these classes
+from plain data, presets and overrides is clt/config/load.py.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import importlib.util
 import pathlib
 import re
-import types
 import typing
 from dataclasses import dataclass
 from typing import Any
 
+from clt.schedule import KINDS, Schedule
+
 Mixture = tuple[tuple[str, float], ...]  # normalised (domain, weight) pairs, in declaration order
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-SCHEDULE_KINDS = ("constant", "linear", "cosine", "inverse_sqrt", "wsd", "infinite", "power")
-WSD_SHAPES = ("linear", "cosine", "1-sqrt")
-DEFAULT_SHAPE = {"wsd": "1-sqrt", "infinite": "cosine"}  # a schedule's `shape` when the config leaves it out
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+"""The repository: its schedules/ and replay/ folders hold the presets."""
 
 
 class ConfigError(ValueError):
@@ -80,7 +73,8 @@ def normalise_mixture(raw: Any, path: str) -> Mixture:
     return tuple((k, v / total) for k, v in weights.items())
 
 
-def _did_you_mean(name: str, options: typing.Iterable[str]) -> str:
+def did_you_mean(name: str, options: typing.Iterable[str]) -> str:
+    """The fix for a name that is not among `options`: the closest one, else the list of them."""
     options = list(options)
     if not options:  # "valid keys: " followed by nothing helps nobody
         return "none are declared yet"
@@ -105,73 +99,20 @@ def check_init_from(value: str, path: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Field groups. Each is a frozen dataclass whose `check(path)` validates its own fields.
 # ----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """One LR segment; see DESIGN.md "LR schedules" for the formulas. Resolved to steps in plan.py."""
+def check_schedule(s: Schedule, path: str) -> None:
+    """A phase's schedule: a kind of the registry, then the checks of clt/schedule.py (shared, then the kind's)."""
+    if s.kind not in KINDS:
+        raise ConfigError(f"{path}.kind", s.kind, "unknown schedule kind",
+                          f"use one of {', '.join(KINDS)} or a preset name from schedules/")
+    found = s.problems()
+    if found:
+        field, problem, fix = found[0]
+        raise ConfigError(f"{path}.{field}", getattr(s, field), problem, fix)
 
-    kind: str = "cosine"
-    """constant | linear | cosine | inverse_sqrt | wsd | infinite | power."""
-    warmup: float = 0
-    """Warmup steps, or a fraction of the segment when < 1. In a later phase this is the re-warm."""
-    peak: float = 3e-4
-    """Peak LR (eta_max)."""
-    end: float = 0.0
-    """Final LR (eta_min) that decays approach; must not exceed `peak`."""
-    decay: float = 0.2
-    """wsd/power: fraction of the segment spent decaying at the end (10-20% is the published sweet spot)."""
-    shape: str = ""
-    """wsd decay shape: linear | cosine | 1-sqrt (default). infinite cooldown: cosine (default) | inverse_sqrt."""
-    const: float = 0.0
-    """infinite: the constant LR held after the cooldown (eta_const)."""
-    cooldown: float = 0
-    """infinite: cooldown steps from peak to `const`, or a fraction of its phase when < 1."""
-    anneal: float = 0
-    """infinite: anneal over this phase's last steps (steps, or fraction of the phase when < 1); 0 = none."""
-    anneal_shape: str = "exponential"
-    """infinite anneal: exponential | linear."""
-    branch: bool = False
-    """infinite: the anneal is a branch; the next phase continues from the state before it."""
-    alpha: float = 1.0
-    """infinite inverse_sqrt cooldown steepness (h(x) = 1/sqrt(1 + alpha x) - 1)."""
-    a: float = 4.0
-    """power: coefficient a in eta = batch * a * tokens**b."""
-    b: float = -0.51
-    """power: exponent b."""
 
-    def check(self, path: str) -> None:
-        if self.kind not in SCHEDULE_KINDS:
-            raise ConfigError(f"{path}.kind", self.kind, "unknown schedule kind",
-                              f"use one of {', '.join(SCHEDULE_KINDS)} or a preset name from schedules/")
-        for name in ("warmup", "peak", "end", "decay", "const", "cooldown", "anneal", "alpha", "a"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{path}.{name}", getattr(self, name), "must be >= 0", "use a value >= 0")
-        if self.kind == "power":
-            if self.end > self.peak:
-                raise ConfigError(f"{path}.end", self.end, f"end LR is above the peak cap {self.peak}",
-                                  "lower `end` or raise `peak`")
-        elif self.end > self.peak:
-            raise ConfigError(f"{path}.end", self.end, f"end LR is above the peak {self.peak}",
-                              "lower `end` or raise `peak`")
-        if self.kind in ("wsd", "power") and not 0 <= self.decay <= 1:
-            raise ConfigError(f"{path}.decay", self.decay, "decay is a fraction of the segment",
-                              "use a value in [0, 1], e.g. 0.2")
-        if self.kind == "wsd" and self.shape not in WSD_SHAPES + ("",):
-            raise ConfigError(f"{path}.shape", self.shape, "unknown WSD decay shape", f"use one of {WSD_SHAPES}")
-        if self.kind == "infinite":
-            if self.shape not in ("cosine", "inverse_sqrt", ""):
-                raise ConfigError(f"{path}.shape", self.shape, "unknown infinite cooldown shape",
-                                  "use cosine or inverse_sqrt")
-            if self.anneal_shape not in ("exponential", "linear"):
-                raise ConfigError(f"{path}.anneal_shape", self.anneal_shape, "unknown anneal shape",
-                                  "use exponential or linear")
-            if not self.end <= self.const <= self.peak:
-                raise ConfigError(f"{path}.const", self.const, f"need end ({self.end}) <= const <= peak "
-                                  f"({self.peak})", "set const between end and peak")
-            if self.anneal_shape == "exponential" and self.anneal and (self.end <= 0 or self.const <= 0):
-                raise ConfigError(f"{path}.end", self.end, "an exponential anneal needs end > 0 and const > 0",
-                                  "set end > 0 or use anneal_shape='linear'")
-            if self.branch and not self.anneal:
-                raise ConfigError(f"{path}.branch", self.branch, "a branch needs an anneal", "set anneal > 0")
+def config_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a field group that a config may set (plan.py sets those marked `plan_only`)."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("plan_only")]
 
 
 @dataclass(frozen=True)
@@ -224,8 +165,8 @@ class PhaseConfig:
     """Global batch (sequences) for this phase; None = the top-level batch_size (a ramp sets it per phase)."""
     mixture: Mixture = ()
     """Domain weights of fresh data in this phase."""
-    schedule: ScheduleConfig = ScheduleConfig()
-    """LR segment that starts at the phase's first step (a warmup here is a re-warm)."""
+    schedule: Schedule = Schedule()
+    """LR segment that starts at the phase's first step (a warmup here is a re-warm); see clt/schedule.py."""
     optimizer: str = "keep"
     """keep: carry Adam moments across the switch. reset: fresh optimizer state at the phase start."""
     replay: ReplayConfig = ReplayConfig()
@@ -256,7 +197,7 @@ class PhaseConfig:
             raise ConfigError(f"{path}.optimizer", self.optimizer, "unknown optimizer policy", "use keep or reset")
         if self.blend_steps < 0:
             raise ConfigError(f"{path}.blend_steps", self.blend_steps, "must be >= 0", "use 0 for a hard switch")
-        self.schedule.check(f"{path}.schedule")
+        check_schedule(self.schedule, f"{path}.schedule")
         self.replay.check(f"{path}.replay")
         if self.upsample is not None:
             self.upsample.check(f"{path}.upsample")
@@ -524,7 +465,7 @@ class Config:
                 for d, _ in mix:
                     if d not in domains:
                         raise ConfigError(f"{p}.{where}.{d}", d, "domain is not declared in data.domains",
-                                          _did_you_mean(d, domains))
+                                          did_you_mean(d, domains))
             if not ph.mixture:
                 raise ConfigError(f"{p}.mixture", {}, "a phase needs a mixture", 'add mixture={"prose": 1.0}')
             if ph.upsample is not None and not ph.upsample.mixture:
@@ -563,7 +504,7 @@ class Config:
 def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         out = {}
-        for f in dataclasses.fields(obj):
+        for f in config_fields(type(obj)):
             v = getattr(obj, f.name)
             if f.name in ("mixture", "weights", "domains"):
                 out[f.name] = dict(v)
@@ -573,236 +514,3 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return [_to_plain(v) for v in obj]
     return obj
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Building dataclasses from plain data, with types checked and unknown keys rejected.
-# ----------------------------------------------------------------------------------------------------------
-def preset_names(kind: str) -> list[str]:
-    """The presets of `kind` ("schedules" or "replay"): one file each in that folder of the repository."""
-    return sorted(p.stem for p in (REPO_ROOT / kind).glob("*.py"))
-
-
-def _resolve_preset(kind: str, name: str, path: str) -> dict:
-    """Load `schedules/NAME.py` or `replay/NAME.py` (a get_config() returning a dict)."""
-    file = REPO_ROOT / kind / f"{name}.py"
-    if not file.exists():
-        names = preset_names(kind)
-        raise ConfigError(path, name, f"unknown {kind[:-1] if kind.endswith('s') else kind} preset",
-                          f"{_did_you_mean(name, names)} (presets live in {kind}/)")
-    return dict(_load_module(file, path).get_config())
-
-
-def _load_module(file: pathlib.Path, path: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(f"clt_cfg_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # a broken config file is the user's error, shown in one line
-        raise ConfigError(path, str(file), f"cannot load: {type(e).__name__}: {e}", "fix the file") from None
-    if not hasattr(module, "get_config"):
-        raise ConfigError(path, str(file), "has no get_config()", "define get_config() returning the config")
-    return module
-
-
-def _schedule_dict(raw: Any, path: str) -> dict:
-    if isinstance(raw, str):
-        return _resolve_preset("schedules", raw, path)
-    if isinstance(raw, dict) and "preset" in raw:
-        base = _resolve_preset("schedules", raw["preset"], f"{path}.preset")
-        return {**base, **{k: v for k, v in raw.items() if k != "preset"}}
-    return raw
-
-
-def _replay_dict(raw: Any, path: str) -> Any:
-    if isinstance(raw, bool):
-        raise ConfigError(path, raw, "replay is a share, a preset name or a dict", "write e.g. replay=0.25")
-    if isinstance(raw, (int, float)):
-        return {"share": raw}
-    if isinstance(raw, str):
-        return _resolve_preset("replay", raw, path)
-    if isinstance(raw, dict) and "preset" in raw:
-        base = _resolve_preset("replay", raw["preset"], f"{path}.preset")
-        return {**base, **{k: v for k, v in raw.items() if k != "preset"}}
-    return raw
-
-
-_PRE = {  # field-specific conversions applied before generic typing
-    (PhaseConfig, "schedule"): _schedule_dict,
-    (PhaseConfig, "replay"): _replay_dict,
-    (PhaseConfig, "tokens"): lambda v, p: None if v is None else parse_count(v, p),
-    (PhaseConfig, "mixture"): normalise_mixture,
-    (UpsampleConfig, "mixture"): normalise_mixture,
-    (ReplayConfig, "weights"): lambda v, p: () if not v else normalise_mixture(v, p),
-    (BudgetConfig, "tokens"): lambda v, p: None if v is None else parse_count(v, p),
-    (BudgetConfig, "steps"): lambda v, p: None if v is None else parse_count(v, p),
-    (DataConfig, "domains"): lambda v, p: _domains(v, p),
-}
-
-
-def _domains(raw: Any, path: str) -> tuple[tuple[str, str], ...]:
-    if not isinstance(raw, dict):
-        raise ConfigError(path, raw, "domains is a dict of name -> prepared folder",
-                          'write {"prose": "data/demo/prose"}')
-    return tuple((str(k), str(v)) for k, v in raw.items())
-
-
-def build(cls: type, raw: Any, path: str) -> Any:
-    """Plain dict -> dataclass `cls`, recursively; unknown keys and wrong types are ConfigErrors."""
-    if isinstance(raw, cls):
-        return raw
-    if not isinstance(raw, dict):
-        raise ConfigError(path, raw, f"expected a dict for {cls.__name__}", "see the README's config section")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        sub = f"{path}.{key}" if path else key
-        if key not in names:
-            raise ConfigError(sub, value, "unknown field", _did_you_mean(key, names))
-        pre = _PRE.get((cls, key))
-        if pre is not None:
-            value = pre(value, sub)
-        kwargs[key] = _convert(hints[key], value, sub)
-    return cls(**kwargs)
-
-
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, path)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(path, value, "expected True or False", "write True or False")
-        return value
-    if tp is int:
-        if isinstance(value, float) and value == int(value):
-            return int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, value, "expected an integer", "write a whole number")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, value, "expected a number", "write e.g. 0.1")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(path, value, "expected a string", "quote the value")
-        return value
-    if origin is tuple:
-        if isinstance(value, tuple) and all(isinstance(v, tuple) for v in value):
-            return value  # already-normalised pairs (mixtures, domains)
-        if isinstance(value, (list, tuple)):
-            elem = args[0]
-            return tuple(_convert(elem, v, f"{path}.{i}") for i, v in enumerate(value))
-        raise ConfigError(path, value, "expected a tuple", "write (a, b, ...)")
-    return value
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading and overrides.
-# ----------------------------------------------------------------------------------------------------------
-def _plain(obj: Any) -> Any:
-    """ConfigDict / FrozenConfigDict / lists -> plain dicts and tuples."""
-    if hasattr(obj, "to_dict"):
-        obj = obj.to_dict()
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return tuple(_plain(v) for v in obj)
-    return obj
-
-
-def parse_value(text: str) -> Any:
-    """Command-line value: a Python literal when it parses as one, else the plain string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
-    """Apply `a.b.c=value` overrides to a plain config dict; phases addressable by name or index."""
-    seen: dict[str, str] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(item, item, "an override is key=value", "write e.g. batch_size=16")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        if key in seen:
-            raise ConfigError(key, text, f"overridden twice (already {seen[key]!r})", "give each key once")
-        seen[key] = text
-        _set_path(raw, key.split("."), parse_value(text), key)
-    return raw
-
-
-_FREE_DICTS = {"mixture", "weights", "domains"}  # user-keyed dicts: new keys are allowed
-
-
-def _set_path(node: Any, parts: list[str], value: Any, full: str) -> None:
-    head, rest = parts[0], parts[1:]
-    if isinstance(node, tuple):
-        raise ConfigError(full, value, "internal: tuple node", "")
-    if head == "phases" and rest:
-        phases = list(node.get("phases", ()))
-        sel = rest[0]
-        idx = next((i for i, p in enumerate(phases) if p.get("name") == sel), None)
-        if idx is None and sel.lstrip("-").isdigit() and -len(phases) <= int(sel) < len(phases):
-            idx = int(sel) % len(phases)
-        if idx is None:
-            names = [p.get("name", str(i)) for i, p in enumerate(phases)]
-            raise ConfigError(full, value, f"no phase {sel!r}", f"phases are {names} (or an index)")
-        if len(rest) == 1:
-            phases[idx] = value
-        else:
-            phase = dict(phases[idx])
-            _set_path(phase, rest[1:], value, full)
-            phases[idx] = phase
-        node["phases"] = tuple(phases)
-        return
-    if not rest:
-        node[head] = value
-        return
-    child = node.get(head)
-    if child is None:
-        child = {}
-    elif isinstance(child, str) and head in ("schedule", "replay"):
-        child = {"preset": child}  # override a field of a preset by name
-    elif isinstance(child, (int, float)) and head == "replay":
-        child = {"share": child}
-    if not isinstance(child, dict):
-        raise ConfigError(full, value, f"{head!r} is not a group of fields", f"set {head}=... directly")
-    child = dict(child)
-    _set_path(child, rest, value, full)
-    node[head] = child
-
-
-def load_raw(path: str) -> dict:
-    """The config file's get_config() as plain data; a path that is not a Python file is a ConfigError."""
-    file = pathlib.Path(path)
-    example = "give the path of a get_config() file, e.g. configs/demo.py"
-    if not file.exists():
-        raise ConfigError("config", path, "no such file", example)
-    if file.is_dir():
-        inside = sorted(str(p) for p in file.glob("*.py"))[:3]
-        raise ConfigError("config", path, "is a folder, not a config file",
-                          f"give one of the files in it, e.g. {', '.join(inside)}" if inside else example)
-    if file.suffix != ".py":
-        raise ConfigError("config", path, "is not a Python (.py) file", example)
-    return _plain(_load_module(file, "config").get_config())
-
-
-def load(path: str, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load, override and validate a config file; raises ConfigError."""
-    return from_dict(apply_overrides(load_raw(path), overrides))
-
-
-def from_dict(raw: dict) -> Config:
-    cfg = build(Config, raw, "")
-    cfg.check()
-    return cfg
