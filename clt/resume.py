@@ -30,6 +30,7 @@ from typing import Any, Callable
 from clt.config import Config, ConfigError
 from clt.metrics import iter_jsonl, write_atomic
 from clt.plan import PhasePlan, Plan, resolve
+from clt.schedule import length_fields
 
 log = logging.getLogger("clt")
 
@@ -200,7 +201,7 @@ def config_changes(old: dict, new: dict) -> dict[str, list]:
 # Fields that follow from a phase's duration: a `percent` phase may see them change with the budget, and the
 # pinned past wins (the plan that ran is the authority); any other change to a phase that ran is an error.
 _RANGE_FIELDS = {"start", "end", "row_start", "upsample_start", "replay_weights"}
-_RANGE_SCHEDULE_FIELDS = {"warmup", "decay", "cooldown", "anneal", "chain_start"}
+_RANGE_SCHEDULE_FIELDS = length_fields() | {"chain_start"}
 
 
 def phase_changes(old: PhasePlan, new: PhasePlan, percent: bool) -> list[tuple[str, Any, Any]]:
