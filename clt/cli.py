@@ -104,7 +104,7 @@ def _quiet_orbax_leftovers() -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     """The resolved plan, after every check that needs no data: model shape, schedules, and with `--devices N`
     the mesh and batch sizes on a machine of N devices (without it, what needs no device count)."""
-    from clt import config, plan, report, sharding
+    from clt import config, plan, plan_view, sharding
 
     cfg = config.load(args.config, args.overrides)
     resolved = plan.resolve(cfg)
@@ -113,15 +113,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           "give the target machine's device count, e.g. --devices 8")
     sharding.check_layout(cfg, resolved, args.devices)
     if args.csv:
-        print(report.plan_csv(resolved))
+        print(plan_view.plan_csv(resolved))
         return 0
     total_tokens = resolved.total_rows * resolved.seq_len
     print(f"plan {resolved.digest()}: {len(resolved.phases)} phases, {resolved.total_steps} steps, "
-          f"{report._fmt_count(total_tokens)} tokens (seq_len {resolved.seq_len}, seed {resolved.seed})")
-    rows = report.plan_rows(resolved, wide=args.wide)
-    print(report.format_table(rows) if args.wide else report.format_table(rows, max_width=120, cut=report.PLAN_CUT))
+          f"{plan_view.fmt_count(total_tokens)} tokens (seq_len {resolved.seq_len}, seed {resolved.seed})")
+    rows = plan_view.plan_rows(resolved, wide=args.wide)
+    print(plan_view.format_table(rows) if args.wide else
+          plan_view.format_table(rows, max_width=120, cut=plan_view.PLAN_CUT))
     if args.plot:
-        report.plot_plan(resolved, args.plot)
+        plan_view.plot_plan(resolved, args.plot)
         print(f"wrote {args.plot}")
     return 0
 
@@ -166,7 +167,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     """One LR segment on its own: `clt schedule cosine peak=1e-3 warmup=0.1 --steps 1000 --csv`."""
     import numpy as np
 
-    from clt import config, plan, report
+    from clt import config, plan, plan_view
     from clt.schedule import lr_at
 
     name, overrides = args.name, list(args.overrides)
@@ -182,7 +183,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     steps = np.arange(args.steps)
     lr = np.asarray(lr_at(resolved, steps))
     if args.plot:
-        report.plot_schedule(resolved.phases[0].schedule, steps, lr, args.plot)
+        plan_view.plot_schedule(resolved.phases[0].schedule, steps, lr, args.plot)
         print(f"wrote {args.plot}")
     if args.csv or not args.plot:
         print("step,lr")
@@ -191,7 +192,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from clt import report
+    from clt import plan_view
     from clt.data import prepare
 
     if not 0 <= args.eval_fraction < 1:
@@ -221,7 +222,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     where = args.out if args.what == "text" else f"{args.out}/{{{','.join(sm['domain'] for sm in summaries)}}}"
     print(f"prepared {len(summaries)} domain{'s' if len(summaries) > 1 else ''} (tokenizer {', '.join(tokenizers)}): "
           f"{where}")
-    print(report.format_table(prepare.summary_rows(summaries)))
+    print(plan_view.format_table(prepare.summary_rows(summaries)))
     return 0
 
 
@@ -347,7 +348,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
     _quiet_libraries()  # read-only managers warn about being read-only
-    from clt import checkpoint, config, report
+    from clt import checkpoint, config, plan_view
 
     directory = pathlib.Path(args.workdir) / "checkpoints"
     if not directory.is_dir():
@@ -355,7 +356,7 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
     store = checkpoint.CheckpointStore(directory, config.CheckpointConfig(), read_only=True)
     if args.action == "ls":
         rows = checkpoint.describe(store)
-        print(report.format_table(rows) if rows else f"no checkpoints in {directory}")
+        print(plan_view.format_table(rows) if rows else f"no checkpoints in {directory}")
     else:
         steps = store.steps()
         step = args.step if args.step is not None else (steps[-1] if steps else None)
