@@ -372,12 +372,8 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """`clt replay export WORKDIR OUT` and `clt replay info PATH` (an exported buffer or a workdir)."""
-    import json
-    import shutil
-
     _quiet_libraries()
-    from clt import checkpoint, config, plan, replay
-    from clt.data.shards import DomainData
+    from clt import replay
 
     path = pathlib.Path(args.path)
     if args.action == "export" and not args.out:
@@ -390,35 +386,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
         for d, n in snap.composition().items():
             print(f"  {d:<12} {n:>8}  {n / total:6.1%}")
         return 0
-    if not (path / "plan.json").exists():
-        raise ConfigError("path", str(path), "neither a replay buffer (index.json) nor a clt workdir (plan.json)",
-                          "give an exported buffer folder or a run's --workdir")
-    saved = json.loads((path / "plan.json").read_text())
-    capacity = saved["config"]["replay_buffer"]["capacity"]
-    if not capacity:
-        print(f"{path}: this run keeps no replay buffer (replay_buffer.capacity = 0)")
+    no_buffer = f"{path}: this run keeps no replay buffer (replay_buffer.capacity = 0)"
+    if args.action == "export":
+        exported = replay.export(path, args.out)
+        if exported is None:
+            print(no_buffer)
+            return 0
+        print(f"exported {exported.fill} sequences (step {exported.index['step']}) to {exported.path}; "
+              f"use it with replay_buffer.load={str(exported.path)!r}")
         return 0
-    run_plan = plan.Plan.from_json(saved["plan"])
-    store = checkpoint.CheckpointStore(path / "checkpoints", config.CheckpointConfig(), read_only=True)
-    step = store.latest_step()
-    store.close()
-    if step is None:
-        raise ConfigError("path", str(path), "has no checkpoint yet", "train first; the buffer follows the checkpoints")
-    data = {d: DomainData(p) for d, p in saved["config"]["data"]["domains"].items() if pathlib.Path(p).exists()}
-    buffer = replay.ReplayBuffer(path / "replay", run_plan, capacity, data)
+    found = replay.buffer_of_workdir(path)
+    if found is None:
+        print(no_buffer)
+        return 0
+    buffer, step = found
     snap = buffer.snapshot(step)
-    if args.action == "info":
-        print(f"{path}: buffer at step {step}: {snap.fill}/{capacity} sequences; composition {snap.composition()}; "
-              f"snapshots at steps {buffer.snapshot_steps()}")
-        return 0
-    out = pathlib.Path(args.out)
-    if out.exists():
-        raise ConfigError("OUT", str(out), "already exists", "choose a new folder")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(snap.path, tmp)
-    tmp.rename(out)
-    print(f"exported {snap.fill} sequences (step {step}) to {out}; use it with replay_buffer.load={str(out)!r}")
+    print(f"{path}: buffer at step {step}: {snap.fill}/{buffer.capacity} sequences; composition {snap.composition()}; "
+          f"snapshots at steps {buffer.snapshot_steps()}")
     return 0
 
 
