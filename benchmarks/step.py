@@ -11,7 +11,9 @@ shared machines make single timings noisy. FLOPs per token follow `model.flops_p
 so MFU is comparable to published numbers; it needs a known dense bf16 peak (train.PEAK_FLOPS) and is "n/a"
 otherwise (e.g. on CPU). Simulate devices on CPU with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
-`machine_info`, `parse_mesh` and `build` are shared with the other benchmarks in this folder.
+`machine_info`, `command_line`, `stats`, `build`, `write_result` and `stamp` are shared with the other
+benchmarks in this folder: they run as scripts (`python benchmarks/X.py` puts benchmarks/ first on sys.path)
+and `from step import ...` them.
 """
 
 from __future__ import annotations
