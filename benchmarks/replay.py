@@ -1,24 +1,23 @@
 """Replay sampling overhead: host time to build a batch with and without replay, at the demo size.
 
-    python benchmarks/replay.py [--data data/demo] [--steps 300] [--batch 16] [--seq-len 128]
+    python benchmarks/replay.py [--data data/demo] [--steps 300] [--batch 16] [--seq-len 128] [--repeats 20]
+        [--out FILE.json]
 
 For three plans that differ only in the second phase's replay (none, 25% mixture replay of the first
 phase's domain, 25% from a persistent replay buffer) it times, per batch:
 - build: `BatchSource.batch(step)` in one thread (mixture rows, draw indices, epoch permutations, token reads,
   buffer picks): replay sampling's own cost;
 - whole pipeline: what `clt train` runs, grain's loader threads plus the transfer to the device.
-Each is the minimum over interleaved passes (the median is in the JSON), with the overhead relative to no
-replay; results go to benchmarks/results/ (git-ignored) or --out.
+Each is the minimum over `--repeats` interleaved passes (median, max and mean are in the JSON), with the
+overhead relative to no replay; results go to benchmarks/results/ (git-ignored) or --out, with the command and
+the machine as every benchmark here records them (`machine_info`, `command_line` of benchmarks/step.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import pathlib
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from clt import config, plan, replay  # noqa: E402
-from step import stamp, write_result  # noqa: E402  (benchmarks/step.py)
+from step import command_line, machine_info, stamp, stats, write_result  # noqa: E402  (benchmarks/step.py)
 import jax  # noqa: E402
 
 from clt.data.pipeline import BatchSource, device_prefetch, iterate  # noqa: E402
@@ -71,6 +70,7 @@ def main() -> None:
     ap.add_argument("--out", help="result JSON file or folder (default benchmarks/results/, git-ignored; "
                                   "file replay-<UTC stamp>.json)")
     args = ap.parse_args()
+    machine = machine_info()
     data = {d: DomainData(f"{args.data}/{d}") for d in ("prose", "code")}
     configs = {"none": 0.0, "mixture_25pct": 0.25, "buffer_25pct": dict(share=0.25, source="buffer")}
     sources, results = {}, {}
@@ -94,15 +94,15 @@ def main() -> None:
             full[name].append(time_pipeline(source, steps, put))
     tmp.cleanup()
     for name in configs:
-        results[name].update(per_batch_ms=min(passes[name]) * 1e3, median_ms=statistics.median(passes[name]) * 1e3,
-                             pipeline_ms=min(full[name]) * 1e3,
-                             pipeline_median_ms=statistics.median(full[name]) * 1e3)
+        build, pipeline = stats(passes[name]), stats(full[name])
+        results[name].update(per_batch_ms=build["min"] * 1e3, median_ms=build["median"] * 1e3,
+                             pipeline_ms=pipeline["min"] * 1e3, pipeline_median_ms=pipeline["median"] * 1e3,
+                             build_per_batch_s=build, pipeline_per_batch_s=pipeline)
     for r in results.values():
         r["overhead_pct"] = 100 * (r["per_batch_ms"] / results["none"]["per_batch_ms"] - 1)
         r["pipeline_overhead_pct"] = 100 * (r["pipeline_ms"] / results["none"]["pipeline_ms"] - 1)
-    out = dict(benchmark="replay", date=datetime.datetime.now().isoformat(timespec="seconds"),
-               machine=dict(cpus=os.cpu_count(), platform=platform.platform(), python=platform.python_version()),
-               load_avg=os.getloadavg(), args=vars(args), results=results)
+    machine["loadavg_end"] = list(os.getloadavg())
+    out = dict(benchmark="replay", command=command_line(), machine=machine, config=vars(args), results=results)
     path = write_result(out, args.out, f"replay-{stamp()}.json")  # not under the cwd: the script's results/
     for name, r in results.items():
         extra = f", buffer materialised in {r['materialise_s']:.2f} s" if "materialise_s" in r else ""

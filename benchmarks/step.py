@@ -3,15 +3,17 @@
     python benchmarks/step.py --preset demo --batch 16 --seq-len 128 [--steps 20] [--warmup 3] [--dtype auto]
         [--remat none] [--mesh data=-1,fsdp=1,tensor=1] [--vocab 384] [--out FILE.json]
 
-Builds the model and the jitted, donated train step exactly as `clt train` does (sharding.create_model,
-train.new_state, train.compile_step), feeds random tokens (the step's cost does not depend on their values),
+Builds the model and the jitted, donated train step exactly as `clt train` does (step.state_layout,
+step.init_state, step.compile_step), feeds random tokens (the step's cost does not depend on their values),
 and times each step to `jax.block_until_ready`. Compile time is measured apart (lower + compile, no
 persistent cache), and the reported step time is the median over `--steps` after `--warmup` steps, because
 shared machines make single timings noisy. FLOPs per token follow `model.flops_per_token` (PaLM appendix B),
-so MFU is comparable to published numbers; it needs a known dense bf16 peak (train.PEAK_FLOPS) and is "n/a"
+so MFU is comparable to published numbers; it needs a known dense bf16 peak (metrics.PEAK_FLOPS) and is "n/a"
 otherwise (e.g. on CPU). Simulate devices on CPU with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
-`machine_info`, `parse_mesh` and `build` are shared with the other benchmarks in this folder.
+`machine_info`, `command_line`, `stats`, `build`, `write_result` and `stamp` are shared with the other
+benchmarks in this folder: they run as scripts (`python benchmarks/X.py` puts benchmarks/ first on sys.path)
+and `from step import ...` them.
 """
 
 from __future__ import annotations
@@ -33,17 +35,18 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from clt import config, plan as plan_lib, sharding, train
+from clt import config, plan as plan_lib, sharding, step as step_lib
 from clt.config import ConfigError
 from clt.data.tokenizer import ByteTokenizer
-from clt.model import ModelDims, PRESETS, REMAT_POLICIES, flops_per_token, param_count, resolve_dims
+from clt.metrics import peak_flops
+from clt.model import ModelDims, PRESETS, REMAT_POLICIES, flops_per_token, param_count
 from clt.optim import make_optimizer
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MESH_AXES = ("data", "fsdp", "tensor")
 MESH_FORMAT = "AXIS=SIZE[,AXIS=SIZE...] with AXIS in data, fsdp, tensor and at most one SIZE -1, " \
               "e.g. data=-1,fsdp=1,tensor=1"
-# The byte tokenizer's vocabulary padded to a multiple of 128, as train.model_dims pads the data's vocab.
+# The byte tokenizer's vocabulary padded to a multiple of 128, as step.model_dims pads the data's vocab.
 BYTE_VOCAB = -(-ByteTokenizer.vocab_size // 128) * 128
 
 
@@ -103,7 +106,7 @@ class StepBench:
     dims: ModelDims
     mesh: Mesh
     state: dict
-    step_fn: Callable  # jitted train.train_step with in/out shardings and the state donated
+    step_fn: Callable  # jitted step.train_step with in/out shardings and the state donated
     batch_sh: NamedSharding
 
     def batches(self, n: int, seed: int = 0) -> list[jax.Array]:
@@ -125,21 +128,21 @@ def build(preset: str, batch: int, seq_len: int, *, dtype: str = "auto", remat: 
         data=dict(domains={"a": "-"}, seq_len=seq_len), batch_size=batch, seed=seed,
         phases=(dict(name="p", steps=max(steps, 1), mixture={"a": 1.0},
                      schedule=dict(kind="constant", peak=1e-3)),)))
-    dims = resolve_dims(cfg.model, vocab)
+    dims = step_lib.resolve_dims(cfg.model, vocab)
     jax_mesh = sharding.make_mesh(cfg.mesh)
     shards = jax_mesh.shape["data"] * jax_mesh.shape["fsdp"]
     if batch % shards:
         raise ConfigError("batch_size", batch, f"does not divide the {shards} batch shards (data x fsdp)",
                           f"use a multiple of {shards}")
     tx = make_optimizer(cfg.optim)
-    graphdef, params, _, state_sh = train.state_layout(
-        dims, jax_mesh, tx, seed=seed, dtype=train.compute_dtype(cfg.model.dtype),
+    graphdef, params, _, state_sh = step_lib.state_layout(
+        dims, jax_mesh, tx, seed=seed, dtype=step_lib.compute_dtype(cfg.model.dtype),
         param_dtype=np.dtype(cfg.model.param_dtype), remat=cfg.model.remat)
-    state = train.init_state(params, tx, state_sh)
+    state = step_lib.init_state(params, tx, state_sh)
     del params  # the state owns the params now; the step donates it
     batch_sh = sharding.batch_sharding(jax_mesh)
-    step_fn = train.compile_step(graphdef, tx, plan_lib.resolve(cfg), cfg.optim, state_sh, batch_sh,
-                                 sharding.replicated(jax_mesh))
+    step_fn = step_lib.compile_step(graphdef, tx, plan_lib.resolve(cfg), cfg.optim, state_sh, batch_sh,
+                                    sharding.replicated(jax_mesh))
     return StepBench(cfg=cfg, dims=dims, mesh=jax_mesh, state=state, step_fn=step_fn, batch_sh=batch_sh)
 
 
@@ -198,18 +201,18 @@ def run(args: argparse.Namespace, mesh_cfg: config.MeshConfig) -> dict[str, Any]
     tokens_per_s = B * L / step_s["median"]
     fpt = flops_per_token(dims, L)
     achieved = tokens_per_s * fpt
-    peak = train.peak_flops()
+    peak = peak_flops(machine["device_kind"])
     if peak:
         mfu, mfu_note = achieved / (peak * jax.device_count()), f"peak {peak / 1e12:.0f} TFLOP/s per device"
     else:
         mfu, mfu_note = None, (f"n/a: no dense bf16 peak known for device kind {machine['device_kind']!r} "
-                               "(train.PEAK_FLOPS)")
+                               "(metrics.PEAK_FLOPS)")
     mem = jax.devices()[0].memory_stats() or {}
     machine["loadavg_end"] = list(os.getloadavg())
     return dict(
         benchmark="step", command=command_line(), machine=machine,
         config=dict(preset=args.preset, batch=B, seq_len=L, dtype=args.dtype,
-                    compute_dtype=str(np.dtype(train.compute_dtype(args.dtype))), remat=args.remat,
+                    compute_dtype=str(np.dtype(step_lib.compute_dtype(args.dtype))), remat=args.remat,
                     mesh=dict(bench.mesh.shape), vocab=dims.vocab_size, steps=args.steps, warmup=args.warmup,
                     seed=args.seed),
         params=param_count(dims), dims=dict(vars(dims)),

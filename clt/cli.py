@@ -104,7 +104,7 @@ def _quiet_orbax_leftovers() -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     """The resolved plan, after every check that needs no data: model shape, schedules, and with `--devices N`
     the mesh and batch sizes on a machine of N devices (without it, what needs no device count)."""
-    from clt import config, plan, report, sharding, step
+    from clt import config, plan, plan_view, sharding, step
 
     cfg = config.load(args.config, args.overrides)
     resolved = plan.resolve(cfg)
@@ -114,15 +114,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     dims = step.resolve_dims(cfg.model, 128)  # 128: a placeholder vocabulary; the data's is not read here
     sharding.check_layout(cfg, resolved, args.devices, dims, vocab_known=bool(cfg.model.vocab_size))
     if args.csv:
-        print(report.plan_csv(resolved))
+        print(plan_view.plan_csv(resolved))
         return 0
     total_tokens = resolved.total_rows * resolved.seq_len
     print(f"plan {resolved.digest()}: {len(resolved.phases)} phases, {resolved.total_steps} steps, "
-          f"{report._fmt_count(total_tokens)} tokens (seq_len {resolved.seq_len}, seed {resolved.seed})")
-    rows = report.plan_rows(resolved, wide=args.wide)
-    print(report.format_table(rows) if args.wide else report.format_table(rows, max_width=120, cut=report.PLAN_CUT))
+          f"{plan_view.fmt_count(total_tokens)} tokens (seq_len {resolved.seq_len}, seed {resolved.seed})")
+    rows = plan_view.plan_rows(resolved, wide=args.wide)
+    print(plan_view.format_table(rows) if args.wide else
+          plan_view.format_table(rows, max_width=120, cut=plan_view.PLAN_CUT))
     if args.plot:
-        report.plot_plan(resolved, args.plot)
+        plan_view.plot_plan(resolved, args.plot)
         print(f"wrote {args.plot}")
     return 0
 
@@ -167,7 +168,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     """One LR segment on its own: `clt schedule cosine peak=1e-3 warmup=0.1 --steps 1000 --csv`."""
     import numpy as np
 
-    from clt import config, plan, report
+    from clt import config, plan, plan_view
     from clt.schedule import lr_at
 
     name, overrides = args.name, list(args.overrides)
@@ -183,7 +184,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     steps = np.arange(args.steps)
     lr = np.asarray(lr_at(resolved, steps))
     if args.plot:
-        report.plot_schedule(resolved.phases[0].schedule, steps, lr, args.plot)
+        plan_view.plot_schedule(resolved.phases[0].schedule, steps, lr, args.plot)
         print(f"wrote {args.plot}")
     if args.csv or not args.plot:
         print("step,lr")
@@ -192,7 +193,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from clt import report
+    from clt import plan_view
     from clt.data import prepare
 
     if not 0 <= args.eval_fraction < 1:
@@ -222,7 +223,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     where = args.out if args.what == "text" else f"{args.out}/{{{','.join(sm['domain'] for sm in summaries)}}}"
     print(f"prepared {len(summaries)} domain{'s' if len(summaries) > 1 else ''} (tokenizer {', '.join(tokenizers)}): "
           f"{where}")
-    print(report.format_table(prepare.summary_rows(summaries)))
+    print(plan_view.format_table(prepare.summary_rows(summaries)))
     return 0
 
 
@@ -348,7 +349,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
     _quiet_libraries()  # read-only managers warn about being read-only
-    from clt import checkpoint, config, report
+    from clt import checkpoint, config, plan_view
 
     directory = pathlib.Path(args.workdir) / "checkpoints"
     if not directory.is_dir():
@@ -356,7 +357,7 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
     store = checkpoint.CheckpointStore(directory, config.CheckpointConfig(), read_only=True)
     if args.action == "ls":
         rows = checkpoint.describe(store)
-        print(report.format_table(rows) if rows else f"no checkpoints in {directory}")
+        print(plan_view.format_table(rows) if rows else f"no checkpoints in {directory}")
     else:
         steps = store.steps()
         step = args.step if args.step is not None else (steps[-1] if steps else None)
@@ -372,12 +373,8 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """`clt replay export WORKDIR OUT` and `clt replay info PATH` (an exported buffer or a workdir)."""
-    import json
-    import shutil
-
     _quiet_libraries()
-    from clt import checkpoint, config, plan, replay
-    from clt.data.shards import DomainData
+    from clt import replay
 
     path = pathlib.Path(args.path)
     if args.action == "export" and not args.out:
@@ -390,35 +387,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
         for d, n in snap.composition().items():
             print(f"  {d:<12} {n:>8}  {n / total:6.1%}")
         return 0
-    if not (path / "plan.json").exists():
-        raise ConfigError("path", str(path), "neither a replay buffer (index.json) nor a clt workdir (plan.json)",
-                          "give an exported buffer folder or a run's --workdir")
-    saved = json.loads((path / "plan.json").read_text())
-    capacity = saved["config"]["replay_buffer"]["capacity"]
-    if not capacity:
-        print(f"{path}: this run keeps no replay buffer (replay_buffer.capacity = 0)")
+    no_buffer = f"{path}: this run keeps no replay buffer (replay_buffer.capacity = 0)"
+    if args.action == "export":
+        exported = replay.export(path, args.out)
+        if exported is None:
+            print(no_buffer)
+            return 0
+        print(f"exported {exported.fill} sequences (step {exported.index['step']}) to {exported.path}; "
+              f"use it with replay_buffer.load={str(exported.path)!r}")
         return 0
-    run_plan = plan.Plan.from_json(saved["plan"])
-    store = checkpoint.CheckpointStore(path / "checkpoints", config.CheckpointConfig(), read_only=True)
-    step = store.latest_step()
-    store.close()
-    if step is None:
-        raise ConfigError("path", str(path), "has no checkpoint yet", "train first; the buffer follows the checkpoints")
-    data = {d: DomainData(p) for d, p in saved["config"]["data"]["domains"].items() if pathlib.Path(p).exists()}
-    buffer = replay.ReplayBuffer(path / "replay", run_plan, capacity, data)
+    found = replay.buffer_of_workdir(path)
+    if found is None:
+        print(no_buffer)
+        return 0
+    buffer, step = found
     snap = buffer.snapshot(step)
-    if args.action == "info":
-        print(f"{path}: buffer at step {step}: {snap.fill}/{capacity} sequences; composition {snap.composition()}; "
-              f"snapshots at steps {buffer.snapshot_steps()}")
-        return 0
-    out = pathlib.Path(args.out)
-    if out.exists():
-        raise ConfigError("OUT", str(out), "already exists", "choose a new folder")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(snap.path, tmp)
-    tmp.rename(out)
-    print(f"exported {snap.fill} sequences (step {step}) to {out}; use it with replay_buffer.load={str(out)!r}")
+    print(f"{path}: buffer at step {step}: {snap.fill}/{buffer.capacity} sequences; composition {snap.composition()}; "
+          f"snapshots at steps {buffer.snapshot_steps()}")
     return 0
 
 

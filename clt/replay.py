@@ -12,6 +12,7 @@ index, written atomically. An entry's tokens come from its domain's shards when 
 previous snapshot, so an old corpus may be deleted once a later phase has started. A phase that replays
 from the buffer (`replay=dict(share=r, source="buffer")`) samples the snapshot taken at its own start, i.e.
 the data of earlier phases; `replay_buffer.load` points a new run at an exported snapshot instead.
+`clt replay` reads a run's buffer from its workdir (`buffer_of_workdir`) and copies it out (`export`).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import functools
 import logging
 import json
 import pathlib
+import shutil
 from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
-from clt.config import ConfigError
+from clt.checkpoint import CheckpointStore
+from clt.config import CheckpointConfig, ConfigError
 from clt.data.pipeline import example_index
 from clt.data.shards import DomainData, staged_directory, token_dtype
 from clt.mixture import MixtureSchedule
@@ -240,3 +243,51 @@ class ReplayBuffer:
             log.warning("replay snapshot %s does not match this plan (another seed, plan or capacity); rebuilding",
                         path)
         return materialise(res, self.plan, step, self.data, previous, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A finished or running workdir's buffer, from its files alone (`clt replay info WORKDIR`, `clt replay export`).
+# ----------------------------------------------------------------------------------------------------------
+def buffer_of_workdir(workdir: str | pathlib.Path) -> tuple[ReplayBuffer, int] | None:
+    """(the run's buffer, the step of its latest checkpoint), read from plan.json (the plan and config that ran)
+    and checkpoints/; None when the run keeps no buffer (replay_buffer.capacity = 0). The buffer reads the
+    domains whose data still exists; `buffer.snapshot(step)` is the buffer as that checkpoint saw it.
+
+    ConfigError when `workdir` has no plan.json or no checkpoint yet."""
+    path = pathlib.Path(workdir)
+    if not (path / "plan.json").exists():
+        raise ConfigError("path", str(path), "neither a replay buffer (index.json) nor a clt workdir (plan.json)",
+                          "give an exported buffer folder or a run's --workdir")
+    saved = json.loads((path / "plan.json").read_text())
+    capacity = saved["config"]["replay_buffer"]["capacity"]
+    if not capacity:
+        return None
+    run_plan = Plan.from_json(saved["plan"])
+    store = CheckpointStore(path / "checkpoints", CheckpointConfig(), read_only=True)
+    step = store.latest_step()
+    store.close()
+    if step is None:
+        raise ConfigError("path", str(path), "has no checkpoint yet", "train first; the buffer follows the checkpoints")
+    data = {d: DomainData(p) for d, p in saved["config"]["data"]["domains"].items() if pathlib.Path(p).exists()}
+    return ReplayBuffer(path / "replay", run_plan, capacity, data), step
+
+
+def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> BufferSnapshot | None:
+    """Copy a run's buffer at its latest checkpoint (materialised first if needed) to the new folder `out`,
+    whole or not at all (copied aside, then renamed); a run with `replay_buffer.load=OUT` samples it. Returns
+    the exported snapshot (its `index["step"]` is the checkpoint's step), or None when the run keeps no buffer.
+
+    ConfigError as `buffer_of_workdir`, or when `out` already exists."""
+    found = buffer_of_workdir(workdir)
+    if found is None:
+        return None
+    buffer, step = found
+    snap = buffer.snapshot(step)
+    out = pathlib.Path(out)
+    if out.exists():
+        raise ConfigError("OUT", str(out), "already exists", "choose a new folder")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(snap.path, tmp)
+    tmp.rename(out)
+    return BufferSnapshot(out)

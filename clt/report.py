@@ -1,4 +1,16 @@
-"""Tables and plots: the plan (`clt plan show`), and a run's report from its workdir (`clt report`)."""
+"""A run's report, from its workdir alone: `clt report WORKDIR` -> <workdir>/report/{report.md, stability.json, *.png}.
+
+- `Run` / `load_run`: a workdir read once (plan.json's plan and monitor settings, metrics.jsonl, events.jsonl);
+  `clt status` reads runs with these too;
+- the tables of report.md: `stability_json` / `STABILITY_KEYS` (stability.json), `stability_rows`,
+  `final_eval_rows`, `alert_rows`;
+- the run's plots: `plot_loss`, `plot_train_loss`, `plot_mixture`, `plot_switch` (with `switch_ylim`,
+  `gap_verdict`, `plot_titles`, `run_name`);
+- `write_report`, which renders all of it.
+
+The plan's own table, curves and drawing (bands, domain colours, stacked mixture) come from `clt.plan_view`,
+which `clt plan show` uses as well; this module imports it, never the reverse.
+"""
 
 from __future__ import annotations
 
@@ -11,217 +23,10 @@ import numpy as np
 from clt import config
 from clt.config import ConfigError, MonitorConfig
 from clt.metrics import read_jsonl
-from clt.mixture import MixtureSchedule, slot_names
 from clt.monitor import eval_curves, stability, switch_windows
 from clt.plan import Plan
-from clt.schedule import Schedule as Segment, describe
+from clt.plan_view import domain_colours, draw_mixture, format_table, phase_bands, plan_curves, plan_rows, pyplot
 
-
-def _fmt_count(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:g}"
-
-
-def _fmt_lr(x: float) -> str:
-    """An LR in short scientific form: 3e-4, 1.65e-4 (Python's 'g' writes 0.0003 and 2e-05)."""
-    if x == 0:
-        return "0"
-    mantissa, exponent = f"{x:.2e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
-def _fmt_mix(weights: tuple[float, ...] | None, domains: tuple[str, ...], short: bool = False) -> str:
-    if weights is None:
-        return "-"
-    used = [(d, w) for d, w in zip(domains, weights) if w > 0]
-    if short:  # one domain alone is just its name; weights lose the leading 0: code:.70
-        return used[0][0] if len(used) == 1 else " ".join(f"{d}:{w:.2f}".replace(":0.", ":.") for d, w in used)
-    return " ".join(f"{d}:{w:.2f}" for d, w in used)
-
-
-def describe_segment(seg: Segment, short: bool = False) -> str:
-    """A segment in words; `short` is the narrow form of the plan table (LRs as peak->end, lengths in steps)."""
-    return describe(seg, short)
-
-
-# Narrow plan table: columns that only repeat their default are left out ("--wide" shows them all), and these
-# may be cut to fit a terminal, each keeping this many characters while the others can give.
-_NARROW_DEFAULTS = {"replay": "-", "upsample": "-", "blend": "-", "optimizer": "keep"}
-PLAN_CUT = {"schedule": 26, "mixture": 14, "replay": 14, "upsample": 14}
-
-
-def plan_rows(plan: Plan, wide: bool = True) -> list[dict]:
-    """One dict per phase: what `clt plan show` and report.md print.
-
-    `wide=False` is the terminal form: short schedules and mixtures, no n_steps, and no column that only
-    repeats its default (replay, upsample, blend, optimizer), so a usual plan fits 120 columns.
-    """
-    rows = []
-    for p in plan.phases:
-        replay = "-"
-        if p.replay_share:
-            src = "buffer" if p.replay_source == "buffer" else _fmt_mix(p.replay_weights, plan.domains, not wide)
-            replay = f"{p.replay_share:.0%} ({src})" if wide else f"{p.replay_share:.0%} {src}"
-        up = "-"
-        if p.upsample_start is not None:
-            mix = _fmt_mix(p.upsample_mixture, plan.domains, not wide)
-            up = f"from {p.upsample_start}: {mix}" if wide else f"@{p.upsample_start} {mix}"
-        row = dict(phase=p.name, steps=f"{p.start}-{p.end - 1}", n_steps=p.steps, batch=p.batch_size,
-                   tokens=_fmt_count(p.rows * plan.seq_len), schedule=describe_segment(p.schedule, short=not wide),
-                   mixture=_fmt_mix(p.mixture, plan.domains, not wide), replay=replay, upsample=up,
-                   blend=p.blend_steps or "-", optimizer=p.optimizer)
-        if not wide:
-            del row["n_steps"]
-        rows.append(row)
-    if not wide:
-        idle = [c for c, default in _NARROW_DEFAULTS.items() if all(str(r[c]) == default for r in rows)]
-        rows = [{k: v for k, v in r.items() if k not in idle} for r in rows]
-    return rows
-
-
-def format_table(rows: list[dict], markdown: bool = False, max_width: int | None = None,
-                 cut: dict[str, int] | None = None) -> str:
-    """Rows of dicts as an aligned text table (or a Markdown table).
-
-    With `max_width`, columns are narrowed (cells cut with "…") until the table fits, since a terminal wraps
-    long lines into an unreadable table. `cut` names the columns that may be cut, each with the width it
-    keeps while others can still give (default: every column, down to its header); when that is not enough
-    they go down to their headers' widths. Columns not in `cut` (names, step ranges) are never cut.
-    """
-    if not rows:
-        return ""
-    cols = list(rows[0])
-    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
-    if markdown:
-        cells = [[c.replace("|", "\\|") for c in row] for row in cells]  # a '|' in a message would split a cell
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    if max_width is not None:
-        cut = {c: len(c) for c in cols} if cut is None else cut
-        for floors in ([max(cut.get(c, w), len(c)) for c, w in zip(cols, widths)],  # soft: keep `cut`'s widths
-                       [len(c) if c in cut else w for c, w in zip(cols, widths)]):  # hard: down to the headers
-            while sum(widths) + 2 * (len(cols) - 1) > max_width:
-                i = max(range(len(cols)), key=lambda j: widths[j] - floors[j])  # the one with most to give
-                if widths[i] <= floors[i]:
-                    break
-                widths[i] -= 1
-        cells = [[v if len(v) <= w else v[:w - 1] + "…" for v, w in zip(row, widths)] for row in cells]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(c) for c in cells])
-
-
-def plan_curves(plan: Plan, max_points: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(steps, lr, slot weights [steps, slots], slot names) over the plan; optionally subsampled."""
-    steps = np.arange(plan.total_steps)
-    if max_points and len(steps) > max_points:
-        steps = np.unique(np.concatenate([np.linspace(0, plan.total_steps - 1, max_points).astype(int),
-                                          [p.start for p in plan.phases]]))
-    from clt.schedule import lr_at  # jax: imported here, so `clt status` (which reads runs with Run) stays fast
-
-    lr = np.asarray(lr_at(plan, steps))
-    mix = MixtureSchedule(plan)
-    weights = np.stack([mix.weights_at(int(s)) for s in steps])
-    return steps, lr, weights, slot_names(plan.domains)
-
-
-def plan_csv(plan: Plan) -> str:
-    steps, lr, weights, names = plan_curves(plan)
-    keep = [i for i in range(len(names)) if weights[:, i].any()]
-    head = ["step", "phase", "lr"] + [f"w/{names[i]}" for i in keep]
-    phase_of = np.searchsorted([p.start for p in plan.phases], steps, side="right") - 1
-    out = [",".join(head)]
-    for j, s in enumerate(steps):
-        vals = [str(s), plan.phases[phase_of[j]].name, f"{lr[j]:.6g}"] + [f"{weights[j, i]:.4f}" for i in keep]
-        out.append(",".join(vals))
-    return "\n".join(out)
-
-
-def phase_bands(ax, plan: Plan, labels: bool = True) -> None:
-    """Shade alternate phases and name them, so every plot reads against the plan."""
-    for p in plan.phases:
-        if p.index % 2:
-            ax.axvspan(p.start, p.end, color="0.92", zorder=0)
-        if labels:
-            ax.text((p.start + p.end) / 2, 1.0, p.name, transform=ax.get_xaxis_transform(), ha="center",
-                    va="bottom", fontsize=8)
-        if p.upsample_start is not None:
-            ax.axvline(p.upsample_start, color="0.5", ls=":", lw=0.8)
-
-
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend: reports are drawn on headless machines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _domain_colours(plan: Plan) -> dict[str, str]:
-    """One colour per domain, shared by every plot (a domain's replay slot takes its colour, hatched)."""
-    return {d: f"C{i}" for i, d in enumerate(plan.domains)}
-
-
-def _draw_mixture(ax, plan: Plan, steps: np.ndarray, weights: np.ndarray, names: list[str]) -> None:
-    """Stacked slot weights over steps: fresh domains solid; replayed ones a pale tint of the domain's colour,
-    densely hatched in that colour and opaque, so a thin replay share in a short phase still reads as replay."""
-    from matplotlib.colors import to_rgb
-
-    keep = [i for i in range(len(names)) if weights[:, i].any()]
-    colours = _domain_colours(plan)
-    # step="post" draws a step's weights up to the next point: repeat the last one so the final step shows too
-    x = np.append(steps, plan.total_steps) if len(steps) and steps[-1] < plan.total_steps else steps
-    w = np.concatenate([weights, weights[-1:]]) if len(x) > len(steps) else weights
-    polys = ax.stackplot(x, w[:, keep].T, labels=[names[i] for i in keep], step="post")
-    for poly, i in zip(polys, keep):
-        rgb = np.asarray(to_rgb(colours.get(names[i].removeprefix("replay/"), "0.4")))
-        poly.set_linewidth(0)
-        if names[i].startswith("replay/"):
-            poly.set_facecolor(1 - 0.35 * (1 - rgb))  # a tint: the colour at 35% on white, no transparency
-            poly.set_edgecolor(rgb)  # hatch lines take the edge colour
-            poly.set_hatch("////")
-        else:
-            poly.set_facecolor(rgb)
-            poly.set_edgecolor(rgb)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("share of rows")
-
-
-def plot_plan(plan: Plan, path: str) -> None:
-    """LR (top) and stacked slot weights (bottom) over steps, with phase bands."""
-    plt = _pyplot()
-    steps, lr, weights, names = plan_curves(plan, max_points=4000)
-    fig, (ax_lr, ax_w) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=(1, 1.3))
-    ax_lr.plot(steps, lr, color="C3")
-    ax_lr.set_ylabel("learning rate")
-    phase_bands(ax_lr, plan)
-    _draw_mixture(ax_w, plan, steps, weights, names)
-    phase_bands(ax_w, plan, labels=False)
-    ax_w.set_xlabel("step")
-    ax_w.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_schedule(seg: Segment, steps: np.ndarray, lr: np.ndarray, path: str) -> None:
-    """One LR segment over its steps (`clt schedule --plot`)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot(steps, lr, color="C3")
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    ax.set_title(describe_segment(seg), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A run's report: `clt report WORKDIR` -> <workdir>/report/{report.md, stability.json, *.png}
-# ----------------------------------------------------------------------------------------------------------
 STABILITY_KEYS = ("switch_step", "kind", "phase", "domain", "baseline", "gap", "gap_step", "recovery_steps")
 """Keys of every stability.json entry; `forgetting` or `adaptation` join them once the phase end is evaluated."""
 
@@ -380,7 +185,7 @@ def _title_axes(ax, run: Run, what: str) -> None:
 def _save(fig, path: pathlib.Path | str) -> None:
     """Write and close a figure (one place, so tests can look at a figure instead)."""
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def _loss_ylim(ax, values: list[float]) -> None:
@@ -396,9 +201,9 @@ def _loss_ylim(ax, values: list[float]) -> None:
 
 def plot_loss(run: Run, curves_of_plan: tuple, path: pathlib.Path) -> None:
     """Per-domain eval loss over steps against the plan (bands, switches) above the LR it ran with."""
-    plt = _pyplot()
+    plt = pyplot()
     steps, lr, _, _ = curves_of_plan
-    colours = _domain_colours(run.plan)
+    colours = domain_colours(run.plan)
     curves = eval_curves(run.rows, run.plan.domains)
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(10, 6.2), sharex=True, height_ratios=(2.6, 1))
     phase_bands(ax, run.plan)
@@ -435,7 +240,7 @@ def plot_train_loss(run: Run, path: pathlib.Path) -> bool:
     pts = [(r["step"], r["loss"]) for r in run.rows if not _is_eval(r) and isinstance(r.get("loss"), (int, float))]
     if not pts:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     t, loss = map(np.asarray, zip(*pts))
     fig, ax = plt.subplots(figsize=(10, 3.8))
     phase_bands(ax, run.plan)
@@ -460,10 +265,10 @@ def plot_train_loss(run: Run, path: pathlib.Path) -> bool:
 
 def plot_mixture(run: Run, curves_of_plan: tuple, path: pathlib.Path) -> None:
     """The planned share of rows per slot over steps, the switches the monitor measures marked on it."""
-    plt = _pyplot()
+    plt = pyplot()
     steps, _, weights, names = curves_of_plan
     fig, ax = plt.subplots(figsize=(10, 3.8))
-    _draw_mixture(ax, run.plan, steps, weights, names)
+    draw_mixture(ax, run.plan, steps, weights, names)
     phase_bands(ax, run.plan)
     _switch_markers(ax, run.plan)
     _now_marker(ax, run)
@@ -507,8 +312,8 @@ def gap_verdict(e: dict, tol: float) -> tuple[bool, str]:
 def plot_switch(run: Run, s0: int, entries: list[dict], path: pathlib.Path) -> None:
     """One switch zoomed: each domain's eval loss from a little before s0 to the window's end (or the
     recovery, if later), its baseline, the dense window, the gap's peak and the recovery point."""
-    plt = _pyplot()
-    colours = _domain_colours(run.plan)
+    plt = pyplot()
+    colours = domain_colours(run.plan)
     curves = eval_curves(run.rows, run.plan.domains)
     tol = run.monitor.recovery_tol
     wend = entries[0]["window_end"]

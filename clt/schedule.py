@@ -333,7 +333,7 @@ def segment_lr(xp, p, step, seq_len: int):
     return KINDS[s.kind].lr(xp, s, Clock(step=step, t=step - p.start, T=p.steps, phase=p, seq_len=seq_len))
 
 
-def lr_at(plan: "Plan", step):
+def lr_at(plan: Any, step: Any) -> Any:
     """The learning rate at global `step` (scalar or array, traced or not); 0 past the plan's end.
 
     `plan` is read duck-typed: its phases' start, end, steps, row_start, batch_size, schedule, and seq_len."""

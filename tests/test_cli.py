@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import smoke_overrides
 
-from clt import cli, config, plan, report
+from clt import cli, config, plan, plan_view
 from clt.config import ConfigError
 from clt.data.shards import DomainData
 from clt.data.tokenizer import TokenizerError, load_tokenizer
@@ -146,20 +146,20 @@ def test_narrow_plan_rows_keep_columns_that_say_something():
     raw = config.load_raw(SMOKE)
     raw["phases"][1].update(optimizer="reset", blend_steps=3)
     pl = plan.resolve(config.from_dict(raw))
-    rows = report.plan_rows(pl, wide=False)
+    rows = plan_view.plan_rows(pl, wide=False)
     assert [r["optimizer"] for r in rows] == ["keep", "reset", "keep"] and rows[1]["blend"] == 3
-    assert "n_steps" not in rows[0] and "n_steps" in report.plan_rows(pl)[0]
+    assert "n_steps" not in rows[0] and "n_steps" in plan_view.plan_rows(pl)[0]
 
 
 def test_format_table_cuts_the_widest_column_to_fit():
     rows = [dict(a="x", long="y" * 200, b="z"), dict(a="xx", long="short", b="zz")]
-    text = report.format_table(rows, max_width=60)
+    text = plan_view.format_table(rows, max_width=60)
     lines = text.splitlines()
     assert max(map(len, lines)) <= 60 and lines[2].rstrip().endswith("z") and "…" in lines[2]
     assert "short" in lines[3]
-    assert report.format_table(rows).count("y") == 200  # no width: nothing cut
+    assert plan_view.format_table(rows).count("y") == 200  # no width: nothing cut
     named = [dict(name="n" * 30, long="y" * 200, more="m" * 40)]
-    lines = report.format_table(named, max_width=70, cut={"long": 20, "more": 10}).splitlines()
+    lines = plan_view.format_table(named, max_width=70, cut={"long": 20, "more": 10}).splitlines()
     assert lines[2].startswith("n" * 30 + "  ") and max(map(len, lines)) <= 70
     assert lines[2].count("y") == 22 and lines[2].count("m") == 12  # both keep 3 over their soft widths
 

@@ -134,6 +134,10 @@ def test_export_info_and_load_into_a_new_run(demo_data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "24/24 sequences" in out and "prose" in out and "code" in out
     assert main(["replay", "info", str(wd)]) == 0
+    buffer, step = replay.buffer_of_workdir(wd)  # what the CLI calls: the buffer at the latest checkpoint
+    assert step == 28 and buffer.capacity == 24 and buffer.snapshot_steps()[-1] == 28
+    with pytest.raises(ConfigError, match="already exists"):
+        replay.export(wd, tmp_path / "buf")
     # a new run replays the exported buffer from its first phase (continual pre-training from init_from)
     new = config.load("configs/smoke.py", smoke_overrides(
         demo_data, f"replay_buffer.load={str(tmp_path / 'buf')!r}", "phases.base.replay={'share': 0.25, "
@@ -151,6 +155,8 @@ def test_info_on_a_run_without_buffer_says_so(demo_data, tmp_path, capsys):
                 progress=False)
     assert main(["replay", "info", str(wd)]) == 0
     assert "keeps no replay buffer" in capsys.readouterr().out
+    assert replay.buffer_of_workdir(wd) is None and replay.export(wd, tmp_path / "out") is None
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_replay_inputs_are_clear_errors(demo_data, tmp_path):

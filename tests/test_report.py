@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import smoke_overrides
 
-from clt import cli, config, monitor, plan, report, train
+from clt import cli, config, monitor, plan, plan_view, report, train
 from clt.metrics import read_jsonl
 
 
@@ -230,7 +230,7 @@ def test_replayed_shares_are_opaque_tints_hatched_in_their_domain_colour(tmp_pat
     from matplotlib.colors import to_rgba
 
     run = made_up_run(tmp_path, FLAT_CURVES)
-    report.plot_mixture(run, report.plan_curves(run.plan), pathlib.Path("mixture.png"))
+    report.plot_mixture(run, plan_view.plan_curves(run.plan), pathlib.Path("mixture.png"))
     ax = figures["mixture.png"].axes[0]
     slots = {"code", "prose", "replay/code", "replay/prose"}
     polys = {p.get_label(): p for p in ax.collections if p.get_label() in slots}
@@ -247,7 +247,7 @@ def test_replayed_shares_are_opaque_tints_hatched_in_their_domain_colour(tmp_pat
 def test_the_mixture_plot_reaches_the_last_step(tmp_path, figures):
     """step='post' ends the fill at the last plotted step: the final step (27 of 28) must not be blank."""
     run = made_up_run(tmp_path, FLAT_CURVES)
-    report.plot_mixture(run, report.plan_curves(run.plan), pathlib.Path("mixture.png"))
+    report.plot_mixture(run, plan_view.plan_curves(run.plan), pathlib.Path("mixture.png"))
     fig = figures["mixture.png"]
     ax = fig.axes[0]
     fig.canvas.draw()
