@@ -63,13 +63,19 @@ def _load_module(file: pathlib.Path, path: str) -> types.ModuleType:
     return module
 
 
-def _schedule_dict(raw: Any, path: str) -> dict:
+def _with_preset(kind: str, raw: Any, path: str) -> Any:
+    """A preset name, or a dict naming a `preset` whose values its other keys override, as a plain dict; any
+    other value unchanged (the typed builder judges it)."""
     if isinstance(raw, str):
-        return _resolve_preset("schedules", raw, path)
+        return _resolve_preset(kind, raw, path)
     if isinstance(raw, dict) and "preset" in raw:
-        base = _resolve_preset("schedules", raw["preset"], f"{path}.preset")
+        base = _resolve_preset(kind, raw["preset"], f"{path}.preset")
         return {**base, **{k: v for k, v in raw.items() if k != "preset"}}
     return raw
+
+
+def _schedule_dict(raw: Any, path: str) -> Any:
+    return _with_preset("schedules", raw, path)
 
 
 def _replay_dict(raw: Any, path: str) -> Any:
@@ -77,12 +83,7 @@ def _replay_dict(raw: Any, path: str) -> Any:
         raise ConfigError(path, raw, "replay is a share, a preset name or a dict", "write e.g. replay=0.25")
     if isinstance(raw, (int, float)):
         return {"share": raw}
-    if isinstance(raw, str):
-        return _resolve_preset("replay", raw, path)
-    if isinstance(raw, dict) and "preset" in raw:
-        base = _resolve_preset("replay", raw["preset"], f"{path}.preset")
-        return {**base, **{k: v for k, v in raw.items() if k != "preset"}}
-    return raw
+    return _with_preset("replay", raw, path)
 
 
 _PRE = {  # field-specific conversions applied before generic typing

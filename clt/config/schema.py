@@ -291,9 +291,13 @@ class OptimConfig:
     """AdamW with decoupled weight decay and global-norm clipping; the LR comes from the plan."""
 
     b1: float = 0.9
+    """Adam's first-moment decay."""
     b2: float = 0.95
+    """Adam's second-moment decay (0.95, as most LLM recipes, reacts faster to loss spikes than 0.999)."""
     eps: float = 1e-8
+    """Added to the root of the second moment."""
     weight_decay: float = 0.1
+    """Decoupled weight decay of the matrices (norm scales are not decayed)."""
     clip: float = 1.0
     """Global gradient-norm clip; 0 = off."""
     z_loss: float = 0.0
