@@ -21,9 +21,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.py"
 
 # Outside the repository, shared by every checkout of this user (entries are keyed by the program and versions).
+# Subprocesses that should share it get JAX_COMPILATION_CACHE_DIR=str(JAX_CACHE).
 _uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-_CACHE = pathlib.Path(tempfile.gettempdir()) / f"clt-jax-cache-{_uid}"
-jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+JAX_CACHE = pathlib.Path(tempfile.gettempdir()) / f"clt-jax-cache-{_uid}"
+jax.config.update("jax_compilation_cache_dir", str(JAX_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
