@@ -7,23 +7,33 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import smoke_overrides
+from conftest import SMOKE, smoke_config
 
-from clt import checkpoint, config, resume, sharding, step, train
+from clt import checkpoint, config, resume, sharding, train
+from clt import step as step_lib
 from clt.config import ConfigError
 from clt.metrics import read_jsonl
-from clt.step import resolve_dims
 from clt.optim import make_optimizer
 
 TIMING = {"tokens_per_s", "mfu"}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The train state of clt.step, built as `clt train` builds it.
+# ----------------------------------------------------------------------------------------------------------
+def _state_on(mesh, seed=0):
+    """(fresh train state of the tiny model on `mesh`, its abstract state, its shardings)."""
+    dims = step_lib.resolve_dims(config.ModelConfig(preset="tiny"), 256)
+    tx = make_optimizer(config.OptimConfig())
+    _, params, abstract, shardings = step_lib.state_layout(dims, mesh, tx, seed=seed, dtype=jnp.float32)
+    return step_lib.init_state(params, tx, shardings), abstract, shardings
+
+
+# ----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def reference(demo_data, tmp_path_factory):
-    """An uninterrupted smoke run."""
-    wd = tmp_path_factory.mktemp("reference")
-    train.train(config.load("configs/smoke.py", smoke_overrides(demo_data)), str(wd), progress=False)
-    return wd
+def reference(smoke_run):
+    """The session's uninterrupted smoke run (read-only: tests that train on from it copy it)."""
+    return smoke_run[1]
 
 
 def final_arrays(wd, step=28):
@@ -52,8 +62,8 @@ def assert_same_run(a, b):
 
 @pytest.mark.parametrize("preempt_at", [9, 12])  # mid-phase, and at the base -> shift boundary
 def test_preempted_run_resumes_bit_exact(demo_data, reference, tmp_path, preempt_at):
-    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data))
-    preempted = config.load("configs/smoke.py", smoke_overrides(demo_data, f"debug.preempt_at_step={preempt_at}"))
+    cfg = smoke_config(demo_data)
+    preempted = smoke_config(demo_data, f"debug.preempt_at_step={preempt_at}")
     first = train.train(preempted, str(tmp_path), progress=False)
     assert first["stopped"] == "preempted" and first["final_step"] == preempt_at
     assert checkpoint.CheckpointStore(tmp_path / "checkpoints", cfg.checkpoint).latest_step() == preempt_at
@@ -65,20 +75,20 @@ def test_preempted_run_resumes_bit_exact(demo_data, reference, tmp_path, preempt
 
 
 def test_damaged_checkpoint_is_skipped(demo_data, reference, tmp_path, caplog):
-    preempted = config.load("configs/smoke.py", smoke_overrides(demo_data, "debug.preempt_at_step=10"))
+    preempted = smoke_config(demo_data, "debug.preempt_at_step=10")
     train.train(preempted, str(tmp_path), progress=False)  # checkpoints at 8 (interval) and 10 (preemption)
     state_dir = tmp_path / "checkpoints" / "10" / "state"
     for f in state_dir.rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(b"")  # truncate the array data, as a kill mid-copy would
-    train.train(config.load("configs/smoke.py", smoke_overrides(demo_data)), str(tmp_path), progress=False)
+    train.train(smoke_config(demo_data), str(tmp_path), progress=False)
     assert "checkpoint 10 is damaged" in caplog.text and "trying the previous one" in caplog.text
     assert [p.name for p in (tmp_path / "checkpoints" / "quarantine").iterdir()] == ["10-metadata"]
     assert_same_run(reference, tmp_path)
 
 
 def raw_smoke(demo_data):
-    raw = config.load_raw("configs/smoke.py")
+    raw = config.load_raw(str(SMOKE))
     raw["data"]["domains"] = {"prose": str(demo_data / "prose"), "code": str(demo_data / "code")}
     return raw
 
@@ -120,7 +130,7 @@ def test_changed_data_of_a_past_domain_is_an_error(demo_data, reference, tmp_pat
 
 
 def test_init_from_takes_weights_with_fresh_optimizer_and_step(demo_data, reference, tmp_path):
-    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data, "debug.preempt_at_step=2"))
+    cfg = smoke_config(demo_data, "debug.preempt_at_step=2")
     train.train(cfg, str(tmp_path), init_from=f"ckpt:{reference}@12", progress=False)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     ref = {r["step"]: r for r in read_jsonl(reference / "metrics.jsonl") if "eval/prose/loss" in r}
@@ -134,13 +144,6 @@ def test_init_from_takes_weights_with_fresh_optimizer_and_step(demo_data, refere
     # the same command resumes from the run's own checkpoints; another init_from is refused
     with pytest.raises(ConfigError, match=r"started from"):
         train.train(cfg, str(tmp_path), init_from=f"ckpt:{reference}@22", progress=False)
-
-
-def _state_on(mesh, seed=0):
-    dims = resolve_dims(config.ModelConfig(preset="tiny"), 256)
-    tx = make_optimizer(config.OptimConfig())
-    _, params, abstract, shardings = step.state_layout(dims, mesh, tx, seed=seed, dtype=jnp.float32)
-    return step.init_state(params, tx, shardings), abstract, shardings
 
 
 @pytest.mark.parametrize("target", [dict(n=1, data=1, fsdp=1, tensor=1), dict(n=2, data=1, fsdp=1, tensor=2),

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 from clt import config
 from clt.config import ConfigError
@@ -137,7 +138,7 @@ def test_parse_count():
 
 
 def test_cli_config_error_is_one_line_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "clt.cli", "plan", "show", "configs/demo.py", "batch_sise=3"],
+    proc = subprocess.run([sys.executable, "-m", "clt.cli", "plan", "show", str(ROOT / "configs" / "demo.py"), "batch_sise=3"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr

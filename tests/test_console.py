@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import smoke_overrides
+from conftest import SMOKE, smoke_overrides
 
 from clt import config, resume, train
 
@@ -23,7 +23,7 @@ def console(demo_data, tmp_path_factory):
     old_level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        cfg = config.load("configs/smoke.py", smoke_overrides(demo_data, "monitor.gap_alert=1e-6", "phases.shift.schedule.peak=0.05"))
+        cfg = config.load(str(SMOKE), smoke_overrides(demo_data, "monitor.gap_alert=1e-6", "phases.shift.schedule.peak=0.05"))
         train.train(cfg, str(wd), progress=False)
     finally:
         logger.removeHandler(handler)
@@ -61,7 +61,7 @@ def test_the_console_tells_the_story_of_a_run(console):
 def test_no_progress_bar_noise_in_a_log_file(demo_data, tmp_path):
     """Not on a terminal (a SLURM log, `| tee`): plain lines, no carriage returns from a progress bar."""
     domains = {"prose": str(demo_data / "prose"), "code": str(demo_data / "code")}
-    out = subprocess.run([sys.executable, "-m", "clt.cli", "train", "configs/smoke.py", "--workdir", str(tmp_path),
+    out = subprocess.run([sys.executable, "-m", "clt.cli", "train", str(SMOKE), "--workdir", str(tmp_path),
                           f"data.domains={domains!r}", "phases.base.steps=4", "phases.shift.steps=3",
                           "phases.anneal.steps=2"],
                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -70,7 +70,7 @@ def test_no_progress_bar_noise_in_a_log_file(demo_data, tmp_path):
 
 
 def test_a_second_trainer_on_a_locked_workdir_is_refused(demo_data, tmp_path):
-    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data))
+    cfg = config.load(str(SMOKE), smoke_overrides(demo_data))
     with resume.WorkdirLock(tmp_path):
         with pytest.raises(resume.WorkdirBusy, match=f"in use by pid {os.getpid()}"):
             train.train(cfg, str(tmp_path), progress=False)

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import smoke_overrides
+from conftest import JAX_CACHE, SMOKE, smoke_overrides
 from test_checkpoint import comparable_events, comparable_metrics, final_arrays
 
 from clt import checkpoint, config, plan as plan_lib, replay, resume, train
@@ -61,13 +61,13 @@ def clt_env() -> dict[str, str]:
     compilation cache, so a subprocess compiles nothing the in-process runs already compiled."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    env.update(JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    env.update(JAX_COMPILATION_CACHE_DIR=str(JAX_CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 
 def train_cmd(wd, data, *overrides) -> list[str]:
-    return [sys.executable, "-m", "clt.cli", "train", "configs/smoke.py", "--workdir", str(wd), "--quiet",
+    return [sys.executable, "-m", "clt.cli", "train", str(SMOKE), "--workdir", str(wd), "--quiet",
             *smoke_overrides(data, *overrides)]
 
 
@@ -85,7 +85,7 @@ def killed(wd, data, step: int, in_save: bool = False, *overrides) -> None:
 
 
 def smoke(data, *overrides) -> config.Config:
-    return config.load("configs/smoke.py", smoke_overrides(data, *overrides))
+    return config.load(str(SMOKE), smoke_overrides(data, *overrides))
 
 
 def finish(wd, data, *overrides) -> dict:
@@ -354,7 +354,7 @@ def test_rerun_of_a_finished_workdir_changes_nothing(demo_data, reference, tmp_p
     wd = tmp_path / "run"
     shutil.copytree(reference, wd)
     before = digest(wd)
-    assert clt_main(["train", "configs/smoke.py", "--workdir", str(wd), "--quiet",
+    assert clt_main(["train", str(SMOKE), "--workdir", str(wd), "--quiet",
                      *smoke_overrides(demo_data)]) == 0
     assert f"already finished at step {SMOKE_STEPS}" in capsys.readouterr().out
     after = digest(wd)
@@ -550,7 +550,7 @@ def test_a_changed_model_on_resume_is_a_config_error_and_moves_nothing(demo_data
     wd = tmp_path / "run"
     shutil.copytree(stopped_at_18, wd)
     before = digest(wd)
-    code = clt_main(["train", "configs/smoke.py", "--workdir", str(wd), "--quiet",
+    code = clt_main(["train", str(SMOKE), "--workdir", str(wd), "--quiet",
                      *smoke_overrides(demo_data, *EVERY3, "model.preset=demo")])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("clt: error:")]
     assert code == 2
@@ -594,7 +594,7 @@ def guard(losses: list[float], switches: set[int], factor: float, restart: bool)
 def test_spike_guard_restarts_at_a_switch_to_a_harder_domain(demo_data, tmp_path):
     """Character names (easy) for 30 steps, then code (much harder): the loss right after the switch is far above
     the old running mean, so a guard that carried its mean across would skip there; clt's restarts."""
-    raw = config.load_raw("configs/smoke.py")
+    raw = config.load_raw(str(SMOKE))
     raw["data"]["domains"] = {d: str(demo_data / d) for d in ("prose", "code", "unicode")}
     raw["phases"] = (dict(name="names", steps=30, mixture={"unicode": 1.0},
                           schedule=dict(kind="constant", warmup=2, peak=3e-3)),
@@ -631,7 +631,7 @@ def test_spike_guard_restarts_at_a_switch_to_a_harder_domain(demo_data, tmp_path
 def test_start_up_checks_fail_before_anything_is_written(demo_data, tmp_path, override, field):
     """Divisibility on this machine's 8 devices (and a seq_len the data cannot fill) is a ConfigError naming the
     field, raised before the mesh, the model or any run file exists."""
-    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data, override))
+    cfg = config.load(str(SMOKE), smoke_overrides(demo_data, override))
     with pytest.raises(ConfigError, match=rf"^{re.escape(field)} = "):
         train.train(cfg, str(tmp_path), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
@@ -643,7 +643,7 @@ def test_a_stale_snapshot_is_rebuilt_not_reused(demo_data, tmp_path, caplog):
     from clt.data.shards import DomainData
 
     data = {d: DomainData(demo_data / d) for d in ("prose", "code")}
-    plans = {seed: plan_lib.resolve(config.load("configs/smoke.py", smoke_overrides(demo_data, f"seed={seed}")))
+    plans = {seed: plan_lib.resolve(config.load(str(SMOKE), smoke_overrides(demo_data, f"seed={seed}")))
              for seed in (0, 1)}
     old = replay.ReplayBuffer(tmp_path, plans[1], 16, data).snapshot(12)
     fresh = replay.ReplayBuffer(tmp_path / "fresh", plans[0], 16, data).snapshot(12)

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from clt.config import ConfigError, ModelConfig
-from clt.model import PRESETS, ModelDims, Transformer, flops_per_token, param_count, resolve_dims
+from clt.model import PRESETS, ModelDims, Transformer, flops_per_token, param_count
+from clt.step import model_options, resolve_dims
 
 VOCAB, EOS = 128, 0
 
@@ -91,7 +92,11 @@ def test_a_packed_document_reads_as_if_alone():
 
 
 def test_doc_mask_needs_an_eos_id():
-    with pytest.raises(ConfigError, match=r"model.doc_mask = True: needs the tokenizer's EOS id, got eos_id=-1"):
+    # the config says which field to change when the data's tokenizer has no EOS ...
+    with pytest.raises(ConfigError, match=r"model.doc_mask = True: the data's tokenizer has no EOS id"):
+        model_options(ModelConfig(doc_mask=True), eos_id=-1)
+    # ... and the model itself refuses to mask without one (it knows no config)
+    with pytest.raises(ValueError, match=r"doc_mask needs the tokenizer's EOS id, got eos_id=-1"):
         build(tiny(), doc_mask=True)
 
 
@@ -108,12 +113,6 @@ def test_param_count_formula_matches_model(changes):
     m = build(dims)
     assert count_params(m) == param_count(dims)
     assert hasattr(m, "unembed") == (not dims.tie_embeddings)
-
-
-def test_presets_match_published_sizes():
-    assert param_count(resolve_dims(ModelConfig(preset="1b"), 128256)) == 1_235_814_400  # Llama-3.2-1B
-    assert param_count(resolve_dims(ModelConfig(preset="7b"), 32000)) == 6_738_415_616  # Llama-2-7B
-    assert param_count(resolve_dims(ModelConfig(preset="8b"), 128256)) == 8_030_261_248  # Llama-3-8B
 
 
 def test_flops_per_token_grows_by_the_attention_term():
@@ -183,9 +182,36 @@ def test_resolve_dims_needs_a_vocab():
         resolve_dims(ModelConfig(preset="tiny"), 0)
 
 
-def test_presets_all_resolve():
-    for name in PRESETS:
-        assert param_count(resolve_dims(ModelConfig(preset=name), 256)) > 0
+# Each preset's shape, written out independently of model.PRESETS: (d_model, n_layers, n_heads, n_kv_heads, d_ff,
+# rope_theta, tied embeddings); the size its name (or docs) give, at its usual vocabulary, with a tolerance.
+PRESET_TABLE = {
+    "tiny": ((64, 2, 4, 2, 192, 1e4, True), 384, 123_200, 0),  # exact: a pinned tiny test model
+    "demo": ((192, 4, 6, 2, 512, 1e4, True), 384, 1.6e6, 0.05),  # "~1.6M params" (README, model.PRESETS)
+    "125m": ((768, 12, 12, 12, 2048, 1e4, True), 50304, 125e6, 0.02),  # GPT-2's vocab padded to 64
+    "1b": ((2048, 16, 32, 8, 8192, 5e5, True), 128256, 1_235_814_400, 0),  # Llama-3.2-1B
+    "7b": ((4096, 32, 32, 32, 11008, 1e4, False), 32000, 6_738_415_616, 0),  # Llama-2-7B
+    "8b": ((4096, 32, 32, 8, 14336, 5e5, False), 128256, 8_030_261_248, 0),  # Llama-3-8B
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_TABLE))
+def test_each_preset_has_its_shape_and_the_size_its_name_says(name):
+    """The table above, the built model (abstract: no memory) and param_count's formula agree for every preset; a new
+    preset must be added to the table."""
+    shape, vocab, size, rel = PRESET_TABLE[name]
+    dims = resolve_dims(ModelConfig(preset=name), vocab)
+    got = (dims.d_model, dims.n_layers, dims.n_heads, dims.n_kv_heads, dims.d_ff, dims.rope_theta, dims.tie_embeddings)
+    assert got == shape and dims.head_dim == dims.d_model // dims.n_heads and dims.vocab_size == vocab
+    # the built model's count, from abstract 1- and 2-layer models (layers are identical: the rest is linear)
+    one, two = (count_params(nnx.eval_shape(lambda n=n: Transformer(dataclasses.replace(dims, n_layers=n),
+                                                                   dtype=jnp.float32, rngs=nnx.Rngs(0))))
+                for n in (1, 2))
+    assert one + (dims.n_layers - 1) * (two - one) == param_count(dims)
+    assert param_count(dims) == pytest.approx(size, rel=rel)
+
+
+def test_the_preset_table_lists_every_preset():
+    assert sorted(PRESETS) == sorted(PRESET_TABLE)
 
 
 @pytest.mark.parametrize("remat, policy", [("none", None), ("full", "None"), ("dots", "DotsSaveable")])

@@ -19,7 +19,7 @@ import time
 import warnings
 
 import pytest
-from conftest import smoke_overrides
+from conftest import JAX_CACHE, smoke_overrides
 
 from clt import config, train
 
@@ -140,7 +140,7 @@ def clone(demo_data, tmp_path_factory):
 def run(cmd: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{cwd / 'bin'}{os.pathsep}{os.environ['PATH']}", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_COMPILATION_CACHE_DIR=str(JAX_CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return subprocess.run(["bash", "-c", "set -o pipefail\n" + cmd], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=180)

@@ -4,7 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import smoke_overrides
+from conftest import SMOKE, smoke_overrides
 
 from clt import config, plan, replay, train
 from clt.config import ConfigError
@@ -53,7 +53,7 @@ def test_vectorised_offer_equals_sequential_algorithm_r():
 
 
 def test_reservoir_is_a_pure_function_of_the_plan_and_step(demo_data):
-    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data))
+    cfg = config.load(str(SMOKE), smoke_overrides(demo_data))
     pl = plan.resolve(cfg)
     a = replay.reservoir_at(pl, 30, 20)
     b = replay.reservoir_at(pl, 30, 20, start=(12, replay.reservoir_at(pl, 30, 12)))
@@ -70,7 +70,7 @@ def buffer_cfg(demo_data, *extra):
 
 
 def test_buffer_replay_is_exact_per_block_and_logged(demo_data, tmp_path):
-    cfg = config.load("configs/smoke.py", buffer_cfg(demo_data, "data.block_rows=8"))  # a block per step
+    cfg = config.load(str(SMOKE), buffer_cfg(demo_data, "data.block_rows=8"))  # a block per step
     pl = plan.resolve(cfg)
     mix = MixtureSchedule(pl)
     anneal = pl.phases[2]
@@ -87,9 +87,9 @@ def test_buffer_replay_is_exact_per_block_and_logged(demo_data, tmp_path):
 
 def test_buffer_survives_resume_bit_exactly(demo_data, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    cfg = config.load("configs/smoke.py", buffer_cfg(demo_data))
+    cfg = config.load(str(SMOKE), buffer_cfg(demo_data))
     train.train(cfg, str(straight), progress=False)
-    train.train(config.load("configs/smoke.py", buffer_cfg(demo_data, "debug.preempt_at_step=25")), str(resumed),
+    train.train(config.load(str(SMOKE), buffer_cfg(demo_data, "debug.preempt_at_step=25")), str(resumed),
                 progress=False)
     shutil.rmtree(resumed / "replay")  # snapshots are recomputed from (seed, plan, step) on resume
     train.train(cfg, str(resumed), progress=False)
@@ -127,7 +127,7 @@ def test_export_info_and_load_into_a_new_run(demo_data, tmp_path, capsys):
     from clt.cli import main
 
     wd = tmp_path / "run"
-    train.train(config.load("configs/smoke.py", smoke_overrides(demo_data, "replay_buffer.capacity=24")), str(wd),
+    train.train(config.load(str(SMOKE), smoke_overrides(demo_data, "replay_buffer.capacity=24")), str(wd),
                 progress=False)
     assert main(["replay", "export", str(wd), str(tmp_path / "buf")]) == 0
     assert main(["replay", "info", str(tmp_path / "buf")]) == 0
@@ -139,7 +139,7 @@ def test_export_info_and_load_into_a_new_run(demo_data, tmp_path, capsys):
     with pytest.raises(ConfigError, match="already exists"):
         replay.export(wd, tmp_path / "buf")
     # a new run replays the exported buffer from its first phase (continual pre-training from init_from)
-    new = config.load("configs/smoke.py", smoke_overrides(
+    new = config.load(str(SMOKE), smoke_overrides(
         demo_data, f"replay_buffer.load={str(tmp_path / 'buf')!r}", "phases.base.replay={'share': 0.25, "
         "'source': 'buffer'}", "debug.preempt_at_step=4"))
     train.train(new, str(tmp_path / "new"), init_from=f"ckpt:{wd}", progress=False)
@@ -151,7 +151,7 @@ def test_info_on_a_run_without_buffer_says_so(demo_data, tmp_path, capsys):
     from clt.cli import main
 
     wd = tmp_path / "run"
-    train.train(config.load("configs/smoke.py", smoke_overrides(demo_data, "debug.preempt_at_step=2")), str(wd),
+    train.train(config.load(str(SMOKE), smoke_overrides(demo_data, "debug.preempt_at_step=2")), str(wd),
                 progress=False)
     assert main(["replay", "info", str(wd)]) == 0
     assert "keeps no replay buffer" in capsys.readouterr().out
@@ -161,20 +161,20 @@ def test_info_on_a_run_without_buffer_says_so(demo_data, tmp_path, capsys):
 
 def test_bad_replay_inputs_are_clear_errors(demo_data, tmp_path):
     with pytest.raises(ConfigError, match=r"phases\.base\.replay\.source.*first phase has no buffer"):
-        config.load("configs/smoke.py", smoke_overrides(demo_data, "replay_buffer.capacity=8",
+        config.load(str(SMOKE), smoke_overrides(demo_data, "replay_buffer.capacity=8",
                                                         "phases.base.replay={'share': 0.1, 'source': 'buffer'}"))
     with pytest.raises(ConfigError, match=r"no replay buffer is configured"):
-        config.load("configs/smoke.py", smoke_overrides(demo_data, "phases.shift.replay={'share': 0.1, "
+        config.load(str(SMOKE), smoke_overrides(demo_data, "phases.shift.replay={'share': 0.1, "
                                                                    "'source': 'buffer'}"))
     with pytest.raises(ConfigError, match=r"replay share must be in \[0, 1\)"):
-        config.load("configs/smoke.py", smoke_overrides(demo_data, "phases.shift.replay=-0.1"))
+        config.load(str(SMOKE), smoke_overrides(demo_data, "phases.shift.replay=-0.1"))
     wd = tmp_path / "run"
-    train.train(config.load("configs/smoke.py", smoke_overrides(demo_data, "replay_buffer.capacity=8",
+    train.train(config.load(str(SMOKE), smoke_overrides(demo_data, "replay_buffer.capacity=8",
                                                                 "debug.preempt_at_step=2")), str(wd), progress=False)
     from clt.cli import main
 
     assert main(["replay", "export", str(wd), str(tmp_path / "buf")]) == 0
-    other = config.load("configs/smoke.py", smoke_overrides(
+    other = config.load(str(SMOKE), smoke_overrides(
         demo_data, "data.seq_len=16", f"replay_buffer.load={str(tmp_path / 'buf')!r}",
         "phases.base.replay={'share': 0.25, 'source': 'buffer'}"))
     with pytest.raises(ConfigError, match=r"buffer sequences have seq_len 32, the run uses 16"):

@@ -8,18 +8,18 @@ import shutil
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
-from conftest import smoke_overrides
+from conftest import SMOKE
 
-from clt import cli, config, monitor, plan, plan_view, report, train
+from clt import cli, config, monitor, plan, plan_view, report
 from clt.metrics import read_jsonl
 
 
 @pytest.fixture(scope="module")
-def smoke(demo_data, tmp_path_factory):
-    """One finished smoke run and its report."""
-    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data))
-    wd = tmp_path_factory.mktemp("report_run")
-    train.train(cfg, str(wd), progress=False)
+def smoke(smoke_run, tmp_path_factory):
+    """The session's finished smoke run (a copy: the report is written into it) and its report."""
+    cfg, shared, _ = smoke_run
+    wd = tmp_path_factory.mktemp("report_run") / "run"
+    shutil.copytree(shared, wd)
     return cfg, wd, report.write_report(wd)
 
 
@@ -134,7 +134,7 @@ def figures(monkeypatch):
 
 def made_up_run(tmp_path, curves: dict[str, dict[int, float]], name: str = "my-run") -> report.Run:
     """The smoke plan (switches at 12, 22, 25; recovery_tol 0.02) with these eval losses, in a workdir `name`."""
-    cfg = config.load("configs/smoke.py", [])
+    cfg = config.load(str(SMOKE), [])
     pl = plan.resolve(cfg)
     steps = sorted({t for c in curves.values() for t in c})
     rows = [{"step": t, **{f"eval/{d}/loss": c[t] for d, c in curves.items() if t in c}} for t in steps]

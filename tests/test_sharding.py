@@ -11,9 +11,9 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from clt.config import ConfigError, MeshConfig, ModelConfig
-from clt.model import Transformer, resolve_dims
-from clt.sharding import (batch_sharding, create_model, make_mesh, replicated, shardings_of, tree_shardings,
-                          use_mesh)
+from clt.model import Transformer
+from clt.sharding import batch_sharding, make_mesh, replicated, shardings_of, tree_shardings, use_mesh
+from clt.step import create_model, resolve_dims
 
 DIMS = resolve_dims(ModelConfig(preset="tiny"), 256)  # vocab a multiple of tensor=2
 # Expected specs by the rules: embed -> fsdp; vocab, heads, kv_heads, mlp -> tensor; head_dim, norm -> None.

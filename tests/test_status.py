@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import smoke_overrides
+from conftest import SMOKE, smoke_overrides
 
 from clt import cli, config, train
 from clt.metrics import read_jsonl
@@ -16,16 +16,17 @@ from clt.resume import WorkdirLock
 
 
 @pytest.fixture(scope="module")
-def finished(demo_data, tmp_path_factory):
-    wd = tmp_path_factory.mktemp("finished")
-    train.train(config.load("configs/smoke.py", smoke_overrides(demo_data)), str(wd), progress=False)
+def finished(smoke_run, tmp_path_factory):
+    """A copy of the session's finished smoke run."""
+    wd = tmp_path_factory.mktemp("finished") / "run"
+    shutil.copytree(smoke_run[1], wd)
     return wd
 
 
 @pytest.fixture(scope="module")
 def preempted(demo_data, tmp_path_factory):
     wd = tmp_path_factory.mktemp("preempted")
-    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data, "debug.preempt_at_step=9"))
+    cfg = config.load(str(SMOKE), smoke_overrides(demo_data, "debug.preempt_at_step=9"))
     assert train.train(cfg, str(wd), progress=False)["stopped"] == "preempted"
     return wd
 
@@ -117,7 +118,7 @@ def test_running_while_the_lock_is_held_with_an_eta(preempted, tmp_path, capsys)
 
 
 def test_stopped_run_and_a_resume_after_it(demo_data, tmp_path, capsys):
-    cfg = config.load("configs/smoke.py", smoke_overrides(
+    cfg = config.load(str(SMOKE), smoke_overrides(
         demo_data, "monitor.gap_alert=1e-9", "monitor.on_alert='stop'", "phases.shift.replay=0.0",
         "phases.shift.schedule.peak=1e-2"))
     with pytest.raises(train.StopRun) as stop:

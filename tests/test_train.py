@@ -1,48 +1,121 @@
-"""The trainer: deterministic batches, a loss that falls, sharded state, optimizer policies at a switch."""
+"""The trainer: deterministic batches, a loss that falls, sharded state, the optimizer reset at a switch, skipped
+updates. The step's numerics (against independent computations, on other meshes) are in test_step.py."""
 
 import functools
+import hashlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from conftest import smoke_overrides
+from conftest import smoke_config
 from flax import nnx
 
-from clt import config, plan, sharding, train
-from clt.data.pipeline import BatchSource, iterate
+from clt import config, plan, sharding
+from clt import step as step_lib
+from clt.data.pipeline import BatchSource, example_index, iterate
 from clt.data.shards import DomainData
 from clt.metrics import read_jsonl
+from clt.mixture import MixtureSchedule
 from clt.optim import make_optimizer
 
 
-@pytest.fixture(scope="session")
-def smoke_run(demo_data, tmp_path_factory):
-    """One uninterrupted smoke run that several tests read."""
-    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data))
-    wd = tmp_path_factory.mktemp("smoke")
-    result = train.train(cfg, str(wd), progress=False)
-    return cfg, wd, result
+# ----------------------------------------------------------------------------------------------------------
+# The train state and step of clt.step, built as `clt train` builds them. Only these helpers touch its API.
+# ----------------------------------------------------------------------------------------------------------
+def sharded_step(cfg, mesh):
+    """(batch source, fresh sharded state, jitted step, optimizer, state shardings) built as clt train does."""
+    data = {d: DomainData(p) for d, p in cfg.data.domains}
+    pl = plan.resolve(cfg)
+    tx = make_optimizer(cfg.optim)
+    graphdef, params, _, state_sh = step_lib.state_layout(model_dims(cfg, data), mesh, tx, seed=0,
+                                                          dtype=jnp.float32)
+    step = step_lib.compile_step(graphdef, tx, pl, cfg.optim, state_sh, sharding.batch_sharding(mesh),
+                                 sharding.replicated(mesh))
+    return BatchSource(pl, data), step_lib.init_state(params, tx, state_sh), step, tx, state_sh
 
 
+def state_shardings(dims, mesh):
+    return step_lib.state_layout(dims, mesh, make_optimizer(config.OptimConfig()), seed=0, dtype=jnp.float32)[3]
+
+
+def reset_optimizer(state, tx, state_sh):
+    return step_lib.reset_optimizer(state, tx, state_sh)
+
+
+def seed_model(cfg, mesh):
+    """(graphdef, params) of the seed-0 model, created into its shards on `mesh`."""
+    dims = model_dims(cfg, {d: DomainData(p) for d, p in cfg.data.domains})
+    return nnx.split(step_lib.create_model(dims, mesh, seed=0, dtype=jnp.float32))
+
+
+def plain_step(cfg, graphdef, params):
+    """(fresh train state around `params`, the jitted step) without layouts, for params edited by hand."""
+    tx = make_optimizer(cfg.optim)
+    step = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, plan=plan.resolve(cfg), optim=cfg.optim)
+    return step_lib.new_state(params, tx), jax.jit(step)
+
+
+def get(state, name):
+    """A field of the train state: params, opt_state, step, loss_ema, ema_count, skips, skipped."""
+    return getattr(state, name)
+
+
+def model_dims(cfg, data):
+    """The run's model dims, from the data's vocabulary (as `clt train` computes them)."""
+    return step_lib.model_dims(cfg, max(d.vocab_size for d in data.values()))
+
+
+# ----------------------------------------------------------------------------------------------------------
 def source_for(cfg):
     return BatchSource(plan.resolve(cfg), {d: DomainData(p) for d, p in cfg.data.domains})
 
 
+def digest(arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
 def test_batch_is_a_pure_function_of_step(demo_data):
-    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data))
-    a, b = source_for(cfg), source_for(cfg)
-    for s in (0, 5, 13, 27):
-        np.testing.assert_array_equal(a.batch(s)["tokens"], b.batch(s)["tokens"])
-    # skipping to step s gives the batch an uninterrupted iterator reaches at s
-    from_start = dict(iterate(a, 0, 20, prefetch=2))
-    from_s = dict(iterate(b, 13, 20, prefetch=2))
+    """No hidden state: a fresh source asked for steps out of order gives the batches of one that walked every
+    step from 0, and an iterator started at 13 gives the batches an iterator from 0 reaches there."""
+    cfg = smoke_config(demo_data)
+    walked = source_for(cfg)
+    seen = {s: walked.batch(s)["tokens"] for s in range(28)}
+    fresh = source_for(cfg)
+    for s in (27, 13, 14, 0, 27):
+        np.testing.assert_array_equal(fresh.batch(s)["tokens"], seen[s])
+    assert len({seen[s].tobytes() for s in seen}) == 28  # and the steps' batches differ
+    from_s = dict(iterate(source_for(cfg), 13, 20, prefetch=2))
+    assert sorted(from_s) == list(range(13, 20))
     for s in range(13, 20):
-        np.testing.assert_array_equal(from_start[s]["tokens"], from_s[s]["tokens"])
+        np.testing.assert_array_equal(from_s[s]["tokens"], seen[s])
+
+
+def test_data_order_is_pinned(demo_data):
+    """The smoke plan's row assignment (slot, draw index per row) and the draw -> example permutation are pinned:
+    a change of data order (mixture, shuffle, seed handling) fails here, on any machine (neither depends on the
+    demo text, which comes from the Python install). And a batch row is exactly the pinned example's tokens."""
+    cfg = smoke_config(demo_data)
+    pl = plan.resolve(cfg)
+    assert pl.domains == ("prose", "code")  # slots: 0 prose, 1 code, 2 replayed prose, 3 replayed code
+    slots, ks = MixtureSchedule(pl).rows_at(13)  # shift: code, a quarter replayed prose
+    assert slots.tolist() == [1, 1, 2, 1, 1, 2, 1, 1] and ks.tolist() == [7, 8, 97, 9, 10, 98, 11, 12]
+    rows = [a for s in (0, 5, 12, 13, 22, 25, 27) for a in MixtureSchedule(pl).rows_at(s)]
+    assert digest(rows) == "282e99f551dec221"
+    draws = [example_index(cfg.seed, d, k, 1000) for d in ("prose", "code") for k in (0, 1, 2, 999, 1000, 5003)]
+    assert draws == [273, 569, 344, 992, 38, 733, 439, 366, 181, 67, 627, 68]
+    tokens = source_for(cfg).batch(13)["tokens"]
+    for row, slot, k in zip(tokens, slots, ks):
+        name = pl.domains[slot % len(pl.domains)]  # fresh slot d and replay slot D + d are both domain d
+        shard = DomainData(demo_data / name).train
+        n = shard.num_sequences(cfg.data.seq_len)
+        np.testing.assert_array_equal(row, shard.sequence(example_index(cfg.seed, name, k, n), cfg.data.seq_len))
 
 
 def test_host_slices_partition_the_global_batch(demo_data):
-    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data))
+    cfg = smoke_config(demo_data)
     pl = plan.resolve(cfg)
     data = {d: DomainData(p) for d, p in cfg.data.domains}
     whole = BatchSource(pl, data).batch(14)["tokens"]
@@ -51,7 +124,7 @@ def test_host_slices_partition_the_global_batch(demo_data):
 
 
 def test_rows_come_from_the_domains_the_mixture_says(demo_data):
-    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data))
+    cfg = smoke_config(demo_data)
     src = source_for(cfg)
     prose = DomainData(demo_data / "prose").train
     batch = src.batch(0)  # phase "base" is all prose: every row must be a prose sequence
@@ -59,35 +132,6 @@ def test_rows_come_from_the_domains_the_mixture_says(demo_data):
     all_prose = prose.sequences(np.arange(prose.num_sequences(seq_len)), seq_len)
     for row in batch["tokens"]:
         assert (all_prose == row).all(axis=1).any()
-
-
-def sharded_step(cfg, mesh):
-    """(batch source, fresh sharded state, jitted step, optimizer, state shardings) built as clt train does."""
-    data = {d: DomainData(p) for d, p in cfg.data.domains}
-    pl = plan.resolve(cfg)
-    tx = make_optimizer(cfg.optim)
-    graphdef, params, _, state_sh = train.state_layout(train.model_dims(cfg, data), mesh, tx, seed=0,
-                                                       dtype=jnp.float32)
-    step = train.compile_step(graphdef, tx, pl, cfg.optim, state_sh, sharding.batch_sharding(mesh),
-                              sharding.replicated(mesh))
-    return BatchSource(pl, data), train.init_state(params, tx, state_sh), step, tx, state_sh
-
-
-def test_same_losses_on_one_and_eight_devices(demo_data, tmp_path):
-    losses = {}
-    for n in (1, 8):
-        cfg = config.load("configs/smoke.py", smoke_overrides(demo_data, "phases.0.steps=4", "phases.1.steps=3",
-                                                              "phases.2.steps=2", "log.every=1"))
-        mesh = sharding.make_mesh(config.MeshConfig(data=-1), jax.devices()[:n])
-        src, state, step, _, _ = sharded_step(cfg, mesh)
-        out = []
-        with sharding.use_mesh(mesh):
-            for s in range(4):
-                batch = jax.device_put(src.batch(s)["tokens"], sharding.batch_sharding(mesh))
-                state, m = step(state, batch)
-                out.append(float(m["loss"]))
-        losses[n] = out
-    np.testing.assert_allclose(losses[1], losses[8], rtol=1e-5)
 
 
 def test_loss_falls_and_metrics_are_logged(smoke_run):
@@ -113,52 +157,48 @@ def test_loss_falls_and_metrics_are_logged(smoke_run):
 
 def test_params_are_sharded_by_the_rules_in_the_train_state():
     mesh = sharding.make_mesh(config.MeshConfig(data=2, fsdp=2, tensor=2))
-    from clt.model import resolve_dims
-
-    dims = resolve_dims(config.ModelConfig(preset="tiny"), 256)
-    _, _, _, state_sh = train.state_layout(dims, mesh, make_optimizer(config.OptimConfig()), seed=0,
-                                           dtype=jnp.float32)
-    embed_sh = jax.tree.leaves(state_sh["params"]["embed"])[0]
+    state_sh = state_shardings(step_lib.resolve_dims(config.ModelConfig(preset="tiny"), 256), mesh)
+    embed_sh = jax.tree.leaves(get(state_sh, "params")["embed"])[0]
     assert embed_sh.spec == jax.P("tensor", "fsdp")
     # Adam's first moment of the embedding shards like the embedding itself
-    mu = jax.tree.leaves(state_sh["opt_state"].inner_state)
+    mu = jax.tree.leaves(get(state_sh, "opt_state").inner_state)
     assert any(getattr(s, "spec", None) == jax.P("tensor", "fsdp") for s in mu)
 
 
-def test_reset_starts_a_fresh_optimizer_state_and_keep_carries_it(demo_data):
-    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data))
-    mesh = sharding.make_mesh(config.MeshConfig(data=-1))
+def test_reset_optimizer_gives_fresh_sharded_moments_and_keeps_params_and_step(demo_data):
+    """The `reset` policy's function: moments and counts as a fresh `tx.init`, laid out like the params; the
+    params and the step untouched. (That train() calls it at the phase start, and only there, is
+    test_step.py's test_optimizer_reset_at_the_phase_start_in_train.)"""
+    cfg = smoke_config(demo_data)
+    mesh = sharding.make_mesh(config.MeshConfig(data=2, fsdp=2, tensor=2))
     src, state, step, tx, state_sh = sharded_step(cfg, mesh)
     with sharding.use_mesh(mesh):
         for s in range(3):
             state, _ = step(state, jax.device_put(src.batch(s)["tokens"], sharding.batch_sharding(mesh)))
-    moments = lambda st: [np.asarray(x) for x in jax.tree.leaves(st["opt_state"].inner_state)]  # noqa: E731
-    before = moments(state)
-    assert any(np.abs(m).sum() > 0 for m in before)
-    reset = train.reset_optimizer(state, tx, state_sh)
-    assert all(np.abs(m).sum() == 0 for m in moments(reset))  # fresh moments and count
-    assert int(reset["step"]) == 3  # the step (and params) are untouched
-    for a, b in zip(jax.tree.leaves(reset["params"]), jax.tree.leaves(state["params"])):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # "keep" is the absence of a reset: moments flow into the next update unchanged
-    for a, b in zip(moments(state), before):
-        np.testing.assert_array_equal(a, b)
+    moments = lambda st: [np.asarray(x) for x in jax.tree.leaves(get(st, "opt_state").inner_state)]  # noqa: E731
+    assert sum(np.abs(m).sum() > 0 for m in moments(state)) > len(moments(state)) // 2  # moved by the steps
+    params_before = [np.asarray(x) for x in jax.tree.leaves(get(state, "params"))]
+    reset = reset_optimizer(state, tx, state_sh)
+    fresh = tx.init(get(reset, "params"))
+    for a, b in zip(jax.tree.leaves(get(reset, "opt_state")), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # moments 0, counts 0, LR slot as init
+    for arr, sh in zip(jax.tree.leaves(get(reset, "opt_state")), jax.tree.leaves(get(state_sh, "opt_state"))):
+        assert arr.sharding.is_equivalent_to(sh, arr.ndim)  # moments stay split like their params
+    assert int(get(reset, "step")) == 3
+    for a, b in zip(jax.tree.leaves(get(reset, "params")), params_before, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def test_nan_loss_skips_the_update(demo_data):
-    cfg = config.load("configs/smoke.py", smoke_overrides(demo_data))
+    cfg = smoke_config(demo_data)
     mesh = sharding.make_mesh(config.MeshConfig(data=-1))
-    pl = plan.resolve(cfg)
-    dims = train.model_dims(cfg, {d: DomainData(p) for d, p in cfg.data.domains})
-    graphdef, params = nnx.split(sharding.create_model(dims, mesh, seed=0, dtype=jnp.float32))
+    graphdef, params = seed_model(cfg, mesh)
     params = jax.tree.map(lambda x: x * jnp.nan if x.ndim == 1 else x, params)  # NaN norm scales -> NaN loss
-    tx = make_optimizer(cfg.optim)
-    state = train.new_state(params, tx)
+    state, step = plain_step(cfg, graphdef, params)
     tokens = jnp.asarray(source_for(cfg).batch(0)["tokens"])
     with sharding.use_mesh(mesh):
-        new, m = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, plan=pl, optim=cfg.optim))(
-            state, tokens)
-    assert bool(m["skipped"]) and int(new["skips"]) == 1 and int(new["step"]) == 1
-    for a, b in zip(jax.tree.leaves(new["opt_state"]), jax.tree.leaves(state["opt_state"])):
+        new, m = step(state, tokens)
+    assert bool(m["skipped"]) and int(get(new, "skips")) == 1 and int(get(new, "step")) == 1
+    assert int(get(new, "skipped")) == 1
+    for a, b in zip(jax.tree.leaves(get(new, "opt_state")), jax.tree.leaves(get(state, "opt_state"))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
