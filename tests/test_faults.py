@@ -177,10 +177,9 @@ def dead_pid() -> int:
 # Shared runs.
 # ----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def reference(demo_data, tmp_path_factory):
-    """The uninterrupted smoke run every killed run is compared with."""
-    wd = tmp_path_factory.mktemp("reference")
-    finish(wd, demo_data)
+def reference(smoke_run):
+    """The uninterrupted smoke run every killed run is compared with (the session's: read, never written)."""
+    wd = smoke_run[1]
     assert_no_duplicates(wd)  # the comparison's own premise
     return wd
 
