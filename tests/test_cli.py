@@ -20,6 +20,7 @@ from clt.data.tokenizer import TokenizerError, load_tokenizer
 from clt.metrics import TensorBoardSink
 from clt.schedule import lr_at
 from clt.sharding import check_layout, make_mesh, mesh_axis_sizes
+from clt.step import resolve_dims
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMOKE, DEMO = str(ROOT / "configs" / "smoke.py"), str(ROOT / "configs" / "demo.py")
@@ -317,23 +318,30 @@ def test_plan_show_devices_checks_batch_sizes(capsys):
                "plan", "show", SMOKE, "optim.grad_accum=2", "--devices", "8")
 
 
+def layout(cfg, pl, n_devices, vocab_size=None):
+    """check_layout as its callers use it: the run's vocabulary when known (clt train), else a placeholder
+    that leaves it unchecked unless model.vocab_size gives it (clt plan show)."""
+    dims = resolve_dims(cfg.model, vocab_size or 128)
+    check_layout(cfg, pl, n_devices, dims, vocab_known=bool(vocab_size or cfg.model.vocab_size))
+
+
 def test_check_layout_unit(capsys):
     cfg = config.load(SMOKE, ["mesh.tensor=2"])
     pl = plan.resolve(cfg)
-    check_layout(cfg, pl, 8, vocab_size=384)
-    check_layout(cfg, pl, None)  # the data's vocabulary unknown: not checked
+    layout(cfg, pl, 8, vocab_size=384)
+    layout(cfg, pl, None)  # the data's vocabulary unknown: not checked
     with pytest.raises(ConfigError, match=r"^mesh.tensor = 2: does not divide the vocabulary 257"):
-        check_layout(cfg, pl, 8, vocab_size=257)
+        layout(cfg, pl, 8, vocab_size=257)
     explicit = config.load(SMOKE, ["mesh.tensor=2", "model.vocab_size=257"])
     with pytest.raises(ConfigError, match=r"^model.vocab_size = 257: not divisible by mesh.tensor = 2; pad it to a "
                                           r"multiple of 2, e.g. 258"):
-        check_layout(explicit, pl, None)
+        layout(explicit, pl, None)
     fsdp = config.load(SMOKE, ["mesh.fsdp=3", "mesh.data=1", "model.d_model=64"])
     with pytest.raises(ConfigError, match=r"^mesh.fsdp = 3: does not divide model.d_model = 64"):
-        check_layout(fsdp, pl, None)
+        layout(fsdp, pl, None)
     accum = config.load(SMOKE, ["optim.grad_accum=3"])
     with pytest.raises(ConfigError, match=r"^optim.grad_accum = 3: does not divide batch_size = 8"):
-        check_layout(accum, plan.resolve(config.load(SMOKE)), None)
+        layout(accum, plan.resolve(config.load(SMOKE)), None)
 
 
 def test_make_mesh_and_check_layout_share_one_mesh_check():
@@ -344,5 +352,5 @@ def test_make_mesh_and_check_layout_share_one_mesh_check():
     with pytest.raises(ConfigError) as from_mesh:
         make_mesh(bad.mesh)
     with pytest.raises(ConfigError) as from_layout:
-        check_layout(bad, plan.resolve(bad), 8)
+        layout(bad, plan.resolve(bad), 8)
     assert str(from_mesh.value) == str(from_layout.value)
