@@ -74,7 +74,8 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
     lock = resume.WorkdirLock(wd).acquire() if jax.process_index() == 0 else None
     try:
         run = Run(cfg, wd)
-        return run.start(accept_changed_past) or run.loop(progress)
+        finished = run.start(accept_changed_past)  # a finished run has nothing left to train
+        return finished if finished is not None else run.loop(progress)
     except BaseException:
         # Nothing half-written stays behind (a full disk, a crash in a save): the next run resumes from the last
         # complete checkpoint either way, and a leftover temporary folder only takes space the disk may lack.
