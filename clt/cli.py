@@ -65,14 +65,23 @@ def _from_orbax(exc: BaseException | None) -> bool:
     return False
 
 
+# Orbax's (jax's) array serialization coroutines: when a save or restore batch aborts, the ones not yet started are
+# never awaited, and Python warns about each when it collects them (often at exit, as "sys:1: RuntimeWarning").
+ABANDONED_COROUTINE = r"coroutine '(async_serialize|async_deserialize)[^']*' was never awaited"
+
+
 def _quiet_orbax_leftovers() -> None:
     """Keep a failed checkpoint write or read to what clt says about it. Orbax writes and reads arrays in background
     threads and event loops of its own, and the first failure reaches the main thread: a refused write becomes the
     one `clt: error:` line of `cmd_train`, a damaged checkpoint its quarantine warning. Their copies are dropped: the
     save threads' own records of a refused write (absl, with tracebacks), asyncio's "exception was never retrieved"
     for the aborted batch's other reads and writes, and the unraisable exceptions of those abandoned coroutines and
-    of tensorstore completing them into an already-closed loop ("Event loop is closed"). Everything else is shown."""
+    of tensorstore completing them into an already-closed loop ("Event loop is closed"), and the warnings Python gives
+    at exit for the aborted batch's serialization coroutines that never ran. Everything else is shown."""
     import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=ABANDONED_COROUTINE, category=RuntimeWarning)
 
     class _Copies(logging.Filter):
         def __init__(self, any_orbax_error: bool):

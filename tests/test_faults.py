@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -488,6 +489,14 @@ def test_clt_train_drops_only_the_copies_of_orbax_failures():
         for exc in (orbax_read, RuntimeError("Event loop is closed"), other):
             sys.unraisablehook(Unraisable(exc))
         assert [u.exc_value for u in passed] == [other]
+    # the warning Python gives for an abandoned serialization coroutine, and only that one
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli._quiet_orbax_leftovers()
+        for message in ("coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited",
+                        "coroutine 'my_own_task' was never awaited"):
+            warnings.warn_explicit(message, RuntimeWarning, "sys", 1)
+    assert [str(w.message) for w in caught] == ["coroutine 'my_own_task' was never awaited"]
 
 
 def assert_nothing_partial(wd) -> None:
