@@ -186,7 +186,7 @@ class Run:
             self.events = JsonlWriter(self.wd / "events.jsonl")
 
     def prepare_step_and_evals(self) -> None:
-        """The compiled update, the eval and task steps, and the gap monitor (caught up on a resume)."""
+        """The compiled update, the eval and task steps, the gap monitor (caught up on a resume), the MFU terms."""
         cfg, plan, mesh = self.cfg, self.plan, self.mesh
         self.batch_sh = sharding.batch_sharding(mesh)
         self.step_fn = step.compile_step(self.graphdef, self.tx, plan, cfg.optim, self.state_sh, self.batch_sh,
@@ -199,6 +199,8 @@ class Run:
         rows_sh = jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp")))
         self.put_eval = lambda x: jax.device_put(x, self.batch_sh if x.ndim == 2 else rows_sh)
         self.gap_monitor = monitor.GapMonitor(plan, cfg.monitor)
+        self.peak = peak_flops(jax.devices()[0].device_kind)  # None on devices without a known peak (CPU): no MFU
+        self.flops_per_token = flops_per_token(self.dims, plan.seq_len)
         if self.first > 0:  # the switches before the resume keep their baselines and their already-sent events
             self.gap_monitor.catch_up(read_jsonl(self.wd / "metrics.jsonl"))
 
@@ -289,10 +291,8 @@ class Run:
             row["skipped_total"] = int(m["skipped_total"])
         if self.cfg.optim.spike_factor:
             row["loss_ema"] = float(m["loss_ema"])
-        peak = peak_flops(jax.devices()[0].device_kind)
-        if peak:
-            row["mfu"] = mfu(row["tokens_per_s"], flops_per_token(self.dims, self.plan.seq_len), peak,
-                             jax.device_count())
+        if self.peak:
+            row["mfu"] = mfu(row["tokens_per_s"], self.flops_per_token, self.peak, jax.device_count())
         return row, int(m["skips"])
 
     # ------------------------------------------------------------------------------------------------ The loop
