@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 SKIP = {
     "make demo": "sets up .venv and trains the demo for ~5 min; the commands it runs are tested one by one",
-    "make test": "the whole suite (~11 min), which this test is part of",
+    "make test": "the whole suite (~8 min), which this test is part of",
     "clt train configs/demo.py --workdir runs/demo [overrides]":
         "the 5-minute demo training ([overrides] is a placeholder); runs/demo here is a smoke run",
     "clt prepare demo --out data/demo":
