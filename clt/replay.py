@@ -18,8 +18,8 @@ the data of earlier phases; `replay_buffer.load` points a new run at an exported
 from __future__ import annotations
 
 import functools
-import logging
 import json
+import logging
 import pathlib
 import shutil
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ from clt.data.pipeline import example_index
 from clt.data.shards import DomainData, staged_directory, token_dtype
 from clt.mixture import MixtureSchedule
 from clt.plan import Plan
+from clt.resume import PLAN_FILE, read_record
 
 log = logging.getLogger("clt")
 
@@ -255,21 +256,20 @@ def buffer_of_workdir(workdir: str | pathlib.Path) -> tuple[ReplayBuffer, int] |
 
     ConfigError when `workdir` has no plan.json or no checkpoint yet."""
     path = pathlib.Path(workdir)
-    if not (path / "plan.json").exists():
+    if not (path / PLAN_FILE).exists():
         raise ConfigError("path", str(path), "neither a replay buffer (index.json) nor a clt workdir (plan.json)",
                           "give an exported buffer folder or a run's --workdir")
-    saved = json.loads((path / "plan.json").read_text())
-    capacity = saved["config"]["replay_buffer"]["capacity"]
+    record = read_record(path)
+    capacity = record.config.replay_buffer.capacity
     if not capacity:
         return None
-    run_plan = Plan.from_json(saved["plan"])
     store = CheckpointStore(path / "checkpoints", CheckpointConfig(), read_only=True)
     step = store.latest_step()
     store.close()
     if step is None:
         raise ConfigError("path", str(path), "has no checkpoint yet", "train first; the buffer follows the checkpoints")
-    data = {d: DomainData(p) for d, p in saved["config"]["data"]["domains"].items() if pathlib.Path(p).exists()}
-    return ReplayBuffer(path / "replay", run_plan, capacity, data), step
+    data = {d: DomainData(p) for d, p in record.config.data.domains if pathlib.Path(p).exists()}
+    return ReplayBuffer(path / "replay", record.plan, capacity, data), step
 
 
 def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> BufferSnapshot | None:

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clt import config
 from clt.config import ConfigError, MonitorConfig
 from clt.metrics import read_jsonl
 from clt.monitor import eval_curves, stability, switch_windows
 from clt.plan import Plan
 from clt.plan_view import domain_colours, draw_mixture, format_table, phase_bands, plan_curves, plan_rows, pyplot
+from clt.resume import PLAN_FILE, read_record
 
 STABILITY_KEYS = ("switch_step", "kind", "phase", "domain", "baseline", "gap", "gap_step", "recovery_steps")
 """Keys of every stability.json entry; `forgetting` or `adaptation` join them once the phase end is evaluated."""
@@ -64,18 +64,11 @@ def _is_eval(row: dict) -> bool:
 def load_run(workdir: str | pathlib.Path) -> Run:
     """Read a workdir; a folder that is not a clt run is the user's error, named with its fix."""
     wd = pathlib.Path(workdir)
-    path = wd / "plan.json"
-    if not path.is_file():
+    if not (wd / PLAN_FILE).is_file():
         raise ConfigError("workdir", str(wd), "has no plan.json (not a clt run, or its training has not started)",
                           "give the --workdir of a `clt train` run")
-    try:
-        saved = json.loads(path.read_text())
-        plan = Plan.from_json(saved["plan"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConfigError("plan.json", str(path), f"is not a clt plan file ({type(e).__name__}: {e})",
-                          "re-run `clt train` on this workdir to rewrite it") from e
-    monitor = config.build(MonitorConfig, saved.get("config", {}).get("monitor", {}), "monitor")
-    return Run(workdir=wd, plan=plan, digest=saved.get("digest") or plan.digest(), monitor=monitor,
+    record = read_record(wd)
+    return Run(workdir=wd, plan=record.plan, digest=record.digest, monitor=record.config.monitor,
                rows=read_jsonl(wd / "metrics.jsonl"), events=read_jsonl(wd / "events.jsonl"))
 
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from clt.config import Config, ConfigError
+from clt.config import Config, ConfigError, from_dict
 from clt.metrics import iter_jsonl, write_atomic
 from clt.plan import PhasePlan, Plan, resolve
 from clt.schedule import length_fields
@@ -193,6 +193,42 @@ def config_changes(old: dict, new: dict) -> dict[str, list]:
             changed[k] = [a.get(k), b.get(k)]
     return changed
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plan.json: what the run is, written at every start, read by the report, `clt status` and `clt replay`.
+# ----------------------------------------------------------------------------------------------------------
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A workdir's plan.json: the plan that ran (the authority on resume, not today's config), its digest, the
+    data manifests, and the config it was trained with."""
+
+    plan: Plan
+    digest: str
+    data: dict[str, str]
+    """Domain -> content hash of its prepared data (`data_manifest`)."""
+    config: Config
+
+
+def write_record(workdir: str | pathlib.Path, plan: Plan, data: dict[str, str], cfg: Config) -> None:
+    record = dict(plan=plan.to_json(), digest=plan.digest(), data=data, config=cfg.to_dict())
+    write_atomic(pathlib.Path(workdir) / PLAN_FILE, json.dumps(record, indent=1))
+
+
+def read_record(workdir: str | pathlib.Path) -> RunRecord:
+    """The run record of `workdir` (whose plan.json must exist); a file clt cannot read is a ConfigError."""
+    path = pathlib.Path(workdir) / PLAN_FILE
+    try:
+        saved = json.loads(path.read_text())
+        plan = Plan.from_json(saved["plan"])
+        cfg = from_dict(saved["config"])
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+        raise ConfigError("plan.json", str(path), f"is not a clt plan file ({type(e).__name__}: {e})",
+                          "re-run `clt train` on this workdir to rewrite it") from e
+    return RunRecord(plan=plan, digest=saved.get("digest") or plan.digest(), data=saved.get("data", {}), config=cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------

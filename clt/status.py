@@ -21,7 +21,7 @@ from typing import Any
 
 from clt.config import ConfigError
 from clt.report import Run, load_run
-from clt.resume import lock_holder
+from clt.resume import PLAN_FILE, lock_holder
 
 LAST_ALERTS = 3
 """How many alert messages the text shows (the JSON has the same ones; `clt report` lists all)."""
@@ -86,7 +86,7 @@ def _eta(run: Run, progress: int) -> dict | None:
 def read_status(workdir: str | pathlib.Path) -> dict:
     """Everything `clt status` shows, as one JSON-able dict (the `--json` output)."""
     wd = pathlib.Path(workdir)
-    if not (wd / "plan.json").is_file():
+    if not (wd / PLAN_FILE).is_file():
         raise ConfigError("WORKDIR", str(wd), "not a clt workdir (no plan.json)", "give the --workdir of a clt run")
     run = load_run(wd)
     plan, total = run.plan, run.plan.total_steps

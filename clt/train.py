@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -30,8 +29,8 @@ from clt.data.pipeline import (BatchSource, check_data_needed, data_manifest, de
 from clt.data.tokenizer import load_tokenizer
 from clt.evaluate import (evaluate, evaluate_task, load_choice_task, load_eval_sets, make_eval_step,
                           make_score_step)
-from clt.metrics import (JsonlWriter, TensorBoardSink, Throughput, eval_line, log_line, mfu, peak_flops, read_jsonl,
-                         write_atomic)
+from clt.metrics import (JsonlWriter, TensorBoardSink, Throughput, eval_line, log_line, mfu, peak_flops,
+                         read_jsonl)
 from clt.model import flops_per_token, param_count
 from clt.optim import make_optimizer
 from clt.plan import PhasePlan, resolve
@@ -180,8 +179,7 @@ class Run:
         """Keyed by step: rows this run writes again are dropped first, so the files read as one run."""
         if self.is_main:
             resume.rewrite_run_files(self.wd, self.first)
-            write_atomic(self.wd / "plan.json", json.dumps(dict(plan=self.plan.to_json(), digest=self.plan.digest(),
-                                                                data=manifest, config=self.cfg.to_dict()), indent=1))
+            resume.write_record(self.wd, self.plan, manifest, self.cfg)
             self.sinks.insert(0, JsonlWriter(self.wd / "metrics.jsonl"))
             self.events = JsonlWriter(self.wd / "events.jsonl")
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from clt import resume
+from clt.config import ConfigError
 from clt.metrics import JsonlWriter, read_jsonl
 
 
@@ -80,3 +81,18 @@ def test_truncate_from_drops_rows_at_or_after_the_step_unless_kept(tmp_path):
     assert [r["event"] for r in read_jsonl(tmp_path / "e.jsonl")] == ["a", "checkpoint", "preempted"]
     resume.truncate_from(tmp_path / "e.jsonl", 4)
     assert [r["event"] for r in read_jsonl(tmp_path / "e.jsonl")] == ["a"]
+
+
+def test_the_run_record_reads_back_what_was_written(tmp_path):
+    from clt import config, plan
+    from conftest import ROOT
+
+    cfg = config.load(str(ROOT / "configs" / "demo.py"))  # three phases, replay, upsampling, presets
+    pl = plan.resolve(cfg)
+    resume.write_record(tmp_path, pl, {"prose": "abc"}, cfg)
+    record = resume.read_record(tmp_path)
+    assert record.plan == pl and record.digest == pl.digest() and record.data == {"prose": "abc"}
+    assert record.config.to_dict() == cfg.to_dict()  # the config it trained with, validated again
+    (tmp_path / resume.PLAN_FILE).write_text('{"plan": {}}')
+    with pytest.raises(ConfigError, match=r"plan.json = .*: is not a clt plan file \(KeyError"):
+        resume.read_record(tmp_path)
