@@ -150,7 +150,6 @@ class CheckpointStore:
         """`typed`: register the state's and meta's handlers (needed to read the layout before a restore);
         a partial restore of params alone (init_from) needs an untyped manager."""
         self.directory = pathlib.Path(directory).absolute()
-        self.cfg = cfg
         self._phase_ends = set(phase_ends)
         preservation = ocm.AnyPreservationPolicy([ocm.LatestN(cfg.keep), _KeepSteps(self._phase_ends)])
         # cleanup_tmp_directories: a save cut short by a kill or a full disk leaves `*.orbax-checkpoint-tmp*`;
