@@ -1,4 +1,4 @@
-"""The one Orbax layer: save, verify, restore, quarantine, preemption, init_from weights.
+"""The one Orbax layer: save, verify, restore, quarantine, preemption, init_from weights (clt or Hugging Face).
 
 A checkpoint at step s holds the train state after s updates (params, moments, step, loss statistics) and a
 JSON `meta` item: the resolved plan, its digest, the data manifests, the model's shape, the config, init_from,
@@ -33,7 +33,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from clt.config import CheckpointConfig, ConfigError
+from clt.config import ARCH_FIELDS, CheckpointConfig, ConfigError
+from clt.data.tokenizer import load_tokenizer
+from clt.hf.arch import HFError, model_fields, read_config
+from clt.hf.safetensors import SafetensorsError
+from clt.hf.weights import load_params
+from clt.model import ModelDims
 
 log = logging.getLogger("clt")
 
@@ -316,22 +321,76 @@ def parse_init_from(spec: str) -> tuple[str, pathlib.Path, int | None]:
     return kind, pathlib.Path(rest), step
 
 
-def load_init_weights(spec: str, abstract_params: Any, shardings: Any, cfg: CheckpointConfig) -> Any:
-    """Params from another run's checkpoint (latest, or @STEP), restored onto this run's shardings."""
-    kind, path, step = parse_init_from(spec)
-    if kind == "hf":
-        raise ConfigError("model.init_from", spec, "Hugging Face import is not part of this clt version",
-                          "start from a clt checkpoint (ckpt:WORKDIR) instead")
+def open_source(spec: str, cfg: CheckpointConfig) -> tuple[CheckpointStore, int]:
+    """(read-only store, step) of `ckpt:WORKDIR[@STEP]`; WORKDIR may also be a checkpoints/ folder or one
+    checkpoint's folder (`.../checkpoints/500`). Close the store when done."""
+    _, path, step = parse_init_from(spec)
+    if step is None and path.name.isdigit() and path.is_dir() and not (path / "checkpoints").is_dir():
+        path, step = path.parent, int(path.name)  # one checkpoint's folder
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not directory.is_dir():
         raise ConfigError("model.init_from", spec, f"no checkpoints at {directory}", "give a clt workdir")
     store = CheckpointStore(directory, cfg, read_only=True, typed=False)
     steps = store.steps()
     if not steps or (step is not None and step not in steps):
+        store.close()
         raise ConfigError("model.init_from", spec, f"no checkpoint {step if step is not None else ''} in "
                           f"{directory} (has {steps})", "pick one of those steps")
+    return store, step if step is not None else steps[-1]
+
+
+def source_meta(spec: str, cfg: CheckpointConfig) -> dict:
+    """The meta of the checkpoint `ckpt:` names (its config, model record, tokenizer)."""
+    store, step = open_source(spec, cfg)
+    try:
+        return store.meta(step)
+    finally:
+        store.close()
+
+
+def source_model_fields(spec: str, cfg: CheckpointConfig) -> dict[str, Any]:
+    """The `model.*` architecture fields of an init_from source: a Hugging Face config.json, or the config a
+    clt checkpoint was written with (its vocabulary as the run resolved it)."""
+    kind, path, _ = parse_init_from(spec)
+    if kind == "hf":
+        try:
+            return model_fields(read_config(path), f"{path}/config.json")
+        except HFError as e:
+            raise ConfigError("model.init_from", spec, str(e), "give a supported Hugging Face model folder") from None
+    return recorded_model_fields(source_meta(spec, cfg))
+
+
+def recorded_model_fields(meta: dict) -> dict[str, Any]:
+    """The architecture fields a checkpoint's meta records: its config's, with the vocabulary the run resolved."""
+    model = meta.get("config", {}).get("model", {})
+    fields = {k: model[k] for k in ARCH_FIELDS if k in model}
+    fields["vocab_size"] = meta.get("model", {}).get("vocab_size", fields.get("vocab_size", 0))
+    return fields
+
+
+def source_tokenizer(spec: str, cfg: CheckpointConfig) -> dict | None:
+    """{name, fingerprint} of the tokenizer an init_from source was trained with, or None when it records none."""
+    kind, path, _ = parse_init_from(spec)
+    if kind == "hf":
+        if not (path / "tokenizer.json").is_file():
+            return None
+        tokenizer = load_tokenizer(str(path))
+        return dict(name=tokenizer.name, fingerprint=tokenizer.fingerprint)
+    return source_meta(spec, cfg).get("tokenizer")
+
+
+def load_init_weights(spec: str, dims: ModelDims, abstract_params: Any, shardings: Any, cfg: CheckpointConfig,
+                      progress: bool = False) -> Any:
+    """Params from a Hugging Face folder, or another run's checkpoint (latest, or @STEP), placed straight into
+    this run's shardings."""
+    kind, path, _ = parse_init_from(spec)
+    if kind == "hf":
+        try:
+            return load_params(path, dims, abstract_params, shardings, progress=progress)
+        except (HFError, SafetensorsError) as e:
+            raise ConfigError("model.init_from", spec, str(e), "give a supported Hugging Face model folder") from None
+    store, chosen = open_source(spec, cfg)
     target = with_shardings(abstract_params, shardings)
-    chosen = step if step is not None else steps[-1]
     try:  # params only: the source run's optimizer may differ
         item = {"params": target}
         restored = store.manager.restore(chosen, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(

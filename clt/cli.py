@@ -21,8 +21,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError]
     from clt.data.prepare import PrepareError
     from clt.data.shards import ShardError
+    from clt.data.tokenizer import TokenizerError
+    from clt.hf.arch import HFError
+    from clt.hf.safetensors import SafetensorsError
     from clt.resume import WorkdirBusy
-    errors += [PrepareError, ShardError, WorkdirBusy]
+    errors += [PrepareError, ShardError, WorkdirBusy, HFError, SafetensorsError, TokenizerError]
     return tuple(errors)
 
 
@@ -201,6 +204,18 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_tokenizer_spec(spec: str) -> None:
+    """byte, a tokenizer.json, or a model folder holding one (the rest is checked when it loads)."""
+    path = pathlib.Path(spec)
+    if spec == "byte" or path.is_file() or (path / "tokenizer.json").is_file():
+        return
+    if path.is_dir():
+        raise ConfigError("--tokenizer", spec, "the folder has no tokenizer.json",
+                          "give a Hugging Face model folder with its tokenizer files, a tokenizer.json, or byte")
+    raise ConfigError("--tokenizer", spec, "no such file",
+                      "give byte, the path of a Hugging Face tokenizer.json, or a model folder")
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from clt import plan_view
     from clt.data import prepare
@@ -211,7 +226,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         if args.files:
             raise ConfigError("FILE", args.files[0], "`clt prepare demo` reads no files (its text comes with Python)",
                               "drop the files, or use `clt prepare text --domain NAME --out DIR FILE...`")
-        summaries = list(prepare.prepare_demo(args.out, progress=not args.quiet and sys.stderr.isatty()).values())
+        check_tokenizer_spec(args.tokenizer)
+        summaries = list(prepare.prepare_demo(args.out, progress=not args.quiet and sys.stderr.isatty(),
+                                              tokenizer=args.tokenizer).values())
     else:
         if not args.domain:
             raise ConfigError("--domain", None, "`clt prepare text` needs a domain name", "add --domain NAME")
@@ -222,9 +239,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                 raise ConfigError("FILE", str(f), "is a folder", "pass the text files in it (e.g. DIR/*.txt)")
             if not f.is_file():
                 raise ConfigError("FILE", str(f), "no such file", "check the path")
-        if args.tokenizer != "byte" and not pathlib.Path(args.tokenizer).is_file():
-            raise ConfigError("--tokenizer", args.tokenizer, "no such file",
-                              "give byte or the path of a Hugging Face tokenizer.json")
+        check_tokenizer_spec(args.tokenizer)
         summaries = [prepare.prepare_text(args.files, domain=args.domain, tokenizer=args.tokenizer, out=args.out,
                                           eval_fraction=args.eval_fraction, split=args.split,
                                           progress=not args.quiet and sys.stderr.isatty())]
@@ -233,6 +248,30 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"prepared {len(summaries)} domain{'s' if len(summaries) > 1 else ''} (tokenizer {', '.join(tokenizers)}): "
           f"{where}")
     print(plan_view.format_table(prepare.summary_rows(summaries)))
+    return 0
+
+
+def cmd_hf(args: argparse.Namespace) -> int:
+    from clt.hf.arch import model_fields, read_config
+
+    _setup_logging()
+    progress = not args.quiet and sys.stderr.isatty()
+    if args.dtype is not None and args.action != "export":
+        raise ConfigError("--dtype", args.dtype, "only `clt hf export` writes weights", "drop --dtype")
+    if args.action == "import":
+        model_fields(read_config(args.source), f"{args.source}/config.json")  # before jax starts
+        check_workdir(args.out)
+        from clt.hf import convert
+        s = convert.import_to_workdir(args.source, args.out, progress=progress)
+        print(f"imported {s['architecture']} ({s['params'] / 1e6:.1f}M params, tokenizer {s['tokenizer']}) into "
+              f"{args.out}/checkpoints/0; continue it with init_from=\"ckpt:{args.out}\"")
+        return 0
+    _quiet_orbax_leftovers()
+    from clt.hf import convert
+    s = convert.export_checkpoint(args.source, args.out, dtype=args.dtype, progress=progress)
+    print(f"exported step {s['step']} of {s['source']} to {s['out']} ({s['architecture']}, {s['dtype']}, "
+          f"{s['files']} safetensors file{'s' if s['files'] > 1 else ''}, tokenizer {s['tokenizer']}); load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({s['out']!r})")
     return 0
 
 
@@ -257,7 +296,14 @@ def check_init_source(spec: str, path: str) -> None:
     kind, _, rest = spec.partition(":")
     folder = re.sub(r"@\d+$", "", rest) if kind == "ckpt" else rest
     if spec and not pathlib.Path(folder).is_dir():
-        raise ConfigError(path, spec, f"no such folder {folder}", "give the --workdir of a clt run")
+        what = "a Hugging Face model folder" if kind == "hf" else "the --workdir of a clt run"
+        raise ConfigError(path, spec, f"no such folder {folder}", f"give {what}")
+    if kind == "hf":  # the architecture and RoPE type, before jax starts (the tensors are checked at load)
+        from clt.hf.arch import HFError, model_fields, read_config
+        try:
+            model_fields(read_config(folder), f"{folder}/config.json")
+        except HFError as e:
+            raise ConfigError(path, spec, str(e), "give a supported Hugging Face model folder") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -483,7 +529,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("files", nargs="*", metavar="FILE")
     p.add_argument("--out", required=True)
     p.add_argument("--domain")
-    p.add_argument("--tokenizer", default="byte", help="byte, or a Hugging Face tokenizer.json")
+    p.add_argument("--tokenizer", default="byte",
+                   help="byte, a Hugging Face tokenizer.json, or a model folder (its tokenizer and BOS/EOS ids)")
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--split", choices=["file", "paragraph"], default="file",
                    help="one document per file, or per blank-line-separated paragraph")
@@ -494,7 +541,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for `clt plan show`")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--init-from", help="weights of another clt run: ckpt:WORKDIR or ckpt:WORKDIR@STEP")
+    p.add_argument("--init-from", help="start from these weights (fresh optimizer, step 0): ckpt:WORKDIR[@STEP] "
+                                       "of a clt run, or hf:DIR of a Hugging Face model folder")
     p.add_argument("--accept-changed-past", action="store_true",
                    help="resume even though phases that already ran were edited")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -515,6 +563,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("workdir")
     p.add_argument("--step", type=int)
     p.set_defaults(func=cmd_ckpt)
+
+    p = sub.add_parser("hf", help="import a Hugging Face model into a workdir, or export a checkpoint as one")
+    p.add_argument("action", choices=["import", "export"])
+    p.add_argument("source", metavar="SOURCE", help="import: a Hugging Face model folder (config.json, "
+                   "*.safetensors, tokenizer files); export: WORKDIR, WORKDIR@STEP or a checkpoint folder")
+    p.add_argument("out", metavar="OUT", help="import: the workdir to create; export: the folder to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="export: the safetensors dtype (default: the run's model.param_dtype)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_hf)
 
     p = sub.add_parser("replay", help="export or inspect a run's persistent replay buffer")
     p.add_argument("action", choices=["export", "info"])

@@ -38,11 +38,18 @@ PRESETS: dict[str, dict] = {
 REMAT_POLICIES = ("none", "full", "dots")
 
 
+VOCAB_MULTIPLE = 128
+"""Embedding rows are padded to a multiple of this: the table shards evenly over tensor axes, matmuls align."""
+ROPE_SCALINGS = ("none", "llama3")
+
+
 @dataclass(frozen=True)
 class ModelDims:
-    """Every dimension resolved: what the model is built from and what checkpoints record."""
+    """Every dimension and architecture switch resolved: what the model is built from and what checkpoints
+    record. The switches beyond Llama's are the ones published Llama-family models need (see clt/hf/)."""
 
     vocab_size: int
+    """Logits per position; the embedding holds `padded_vocab` rows (the extra rows are never predicted)."""
     d_model: int
     n_layers: int
     n_heads: int
@@ -52,14 +59,49 @@ class ModelDims:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
+    # The switches published models need, as the `model.*` fields of the same names (clt/config/schema.py):
+    # q/k/v biases (Qwen2), q/k RMSNorm (Qwen3), llama3 RoPE scaling (Llama 3.x), a sliding window (Mistral).
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    rope_scaling: str = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+    sliding_window: int = 0
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def rope_frequencies(dims: ModelDims) -> jax.Array:
+    """RoPE's inverse frequencies (head_dim/2 of them), with Llama 3.1 scaling when asked for.
+
+    llama3 keeps the high frequencies (wavelength below original_context / high_freq_factor), divides the low
+    ones (wavelength above original_context / low_freq_factor) by `factor`, and blends linearly in between."""
+    h = dims.head_dim
+    inv_freq = dims.rope_theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2 / h)
+    if dims.rope_scaling == "none":
+        return inv_freq
+    if dims.rope_scaling != "llama3":
+        raise ValueError(f"unknown rope_scaling {dims.rope_scaling!r}; use one of {ROPE_SCALINGS}")
+    factor, low, high = dims.rope_factor, dims.rope_low_freq_factor, dims.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > dims.rope_original_context / low, inv_freq / factor, inv_freq)
+    smooth = (dims.rope_original_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= dims.rope_original_context / high) & (wavelen <= dims.rope_original_context / low)
+    return jnp.where(medium, blended, scaled)
 
 
 def param_count(dims: ModelDims) -> int:
     """Parameters from the shape formula (tested against the built model)."""
     d, h = dims.d_model, dims.head_dim
     attn = d * dims.n_heads * h * 2 + d * dims.n_kv_heads * h * 2  # q, o; k, v
+    attn += (dims.n_heads + 2 * dims.n_kv_heads) * h * dims.qkv_bias + 2 * h * dims.qk_norm
     layer = attn + 3 * d * dims.d_ff + 2 * d  # + gate, up, down; two norms
-    embeddings = dims.vocab_size * d * (1 if dims.tie_embeddings else 2)
+    embeddings = dims.padded_vocab * d * (1 if dims.tie_embeddings else 2)
     return dims.n_layers * layer + embeddings + d  # + final norm
 
 
@@ -70,8 +112,9 @@ def flops_per_token(dims: ModelDims, seq_len: int) -> float:
     projection counts once, tied or not. Attention is counted without the causal discount, as PaLM does, so
     MFU numbers compare with the published ones.
     """
-    n_matmul = param_count(dims) - dims.vocab_size * dims.d_model * (0 if dims.tie_embeddings else 1)
-    n_matmul -= (2 * dims.n_layers + 1) * dims.d_model  # norms
+    n_matmul = param_count(dims) - dims.padded_vocab * dims.d_model * (0 if dims.tie_embeddings else 1)
+    n_matmul -= (2 * dims.n_layers + 1) * dims.d_model + 2 * dims.n_layers * dims.head_dim * dims.qk_norm  # norms
+    n_matmul -= dims.n_layers * (dims.n_heads + 2 * dims.n_kv_heads) * dims.head_dim * dims.qkv_bias  # biases
     return 6.0 * n_matmul + 12.0 * dims.n_layers * dims.n_heads * dims.head_dim * seq_len
 
 
@@ -118,16 +161,33 @@ class Attention(nnx.Module):
         self.k_proj = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.v_proj = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.o_proj = _param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
-        self.dtype = dtype
+        if dims.qkv_bias:
+            zeros = nnx.initializers.zeros
+            self.q_bias = _param(rngs, zeros, (n, h), ("heads", "head_dim"), param_dtype)
+            self.k_bias = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), param_dtype)
+            self.v_bias = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), param_dtype)
+        if dims.qk_norm:
+            self.q_norm = RMSNorm(h, dims.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.k_norm = RMSNorm(h, dims.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dtype, self.qkv_bias, self.qk_norm = dtype, dims.qkv_bias, dims.qk_norm
+        # (left, right) positions each query sees besides itself; None is the whole causal past.
+        self.window = (dims.sliding_window - 1, 0) if dims.sliding_window else None
+
+    def _project(self, x_btd: jax.Array, name: str) -> jax.Array:
+        """x @ W (+ bias) for name in q, k, v: heads kept as their own axis."""
+        dt = self.dtype
+        out = jnp.einsum("btd,dnh->btnh", x_btd, getattr(self, f"{name}_proj")[...].astype(dt))
+        return out + getattr(self, f"{name}_bias")[...].astype(dt) if self.qkv_bias else out
 
     def __call__(self, x_btd, sin_th, cos_th, mask_b1ts):
-        dt = self.dtype
-        q_btnh = _rope(jnp.einsum("btd,dnh->btnh", x_btd, self.q_proj[...].astype(dt)), sin_th, cos_th)
-        k_btkh = _rope(jnp.einsum("btd,dkh->btkh", x_btd, self.k_proj[...].astype(dt)), sin_th, cos_th)
-        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_proj[...].astype(dt))
+        q_btnh, k_btkh, v_btkh = (self._project(x_btd, name) for name in "qkv")
+        if self.qk_norm:
+            q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
+        q_btnh, k_btkh = _rope(q_btnh, sin_th, cos_th), _rope(k_btkh, sin_th, cos_th)
         # GQA is native here: n heads attend to k = n/g shared key/value heads.
-        out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_b1ts, is_causal=True)
-        return jnp.einsum("btnh,nhd->btd", out_btnh, self.o_proj[...].astype(dt))
+        out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_b1ts, is_causal=True,
+                                                local_window_size=self.window)
+        return jnp.einsum("btnh,nhd->btd", out_btnh, self.o_proj[...].astype(self.dtype))
 
 
 class MLP(nnx.Module):
@@ -177,10 +237,12 @@ class Transformer(nnx.Module):
                  remat: str = "none", doc_mask: bool = False, eos_id: int = -1, rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; use one of {REMAT_POLICIES}")
+        if dims.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"unknown rope_scaling {dims.rope_scaling!r}; use one of {ROPE_SCALINGS}")
         if doc_mask and not 0 <= eos_id < dims.vocab_size:
             raise ValueError(f"doc_mask needs the tokenizer's EOS id, got eos_id={eos_id}")
         self.dims, self.dtype, self.remat, self.doc_mask, self.eos_id = dims, dtype, remat, doc_mask, eos_id
-        d, v = dims.d_model, dims.vocab_size
+        d, v = dims.d_model, dims.padded_vocab
         self.embed = _param(rngs, nnx.initializers.normal(0.02), (v, d), ("vocab", "embed"), param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List([Block(dims, **kw) for _ in range(dims.n_layers)])
@@ -194,8 +256,7 @@ class Transformer(nnx.Module):
         # dims has no efficient partitioning, and XLA would replicate the whole table instead.
         embed_vd = _constrain(self.embed[...], ("vocab", None))
         x_btd = _constrain(jnp.take(embed_vd, tokens_bt, axis=0).astype(self.dtype), ("batch", None, None))
-        inv_freq_h = dims.rope_theta ** (-jnp.arange(0, dims.head_dim // 2, dtype=jnp.float32) * 2 / dims.head_dim)
-        angle_th = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq_h[None, :]
+        angle_th = jnp.arange(t, dtype=jnp.float32)[:, None] * rope_frequencies(dims)[None, :]
         sin_th, cos_th = jnp.sin(angle_th), jnp.cos(angle_th)
         mask_b1ts = self._doc_mask(tokens_bt) if self.doc_mask else None
 
@@ -209,10 +270,13 @@ class Transformer(nnx.Module):
 
         x_btd = self.final_norm(x_btd)
         if dims.tie_embeddings:
-            return jnp.einsum("btd,vd->btv", x_btd, self.embed[...].astype(self.dtype),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("btd,dv->btv", x_btd, self.unembed[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+            logits_btv = jnp.einsum("btd,vd->btv", x_btd, self.embed[...].astype(self.dtype),
+                                    preferred_element_type=jnp.float32)
+        else:
+            logits_btv = jnp.einsum("btd,dv->btv", x_btd, self.unembed[...].astype(self.dtype),
+                                    preferred_element_type=jnp.float32)
+        # The padding rows are not tokens: they get no logits (and so no probability mass).
+        return logits_btv if dims.padded_vocab == dims.vocab_size else logits_btv[..., :dims.vocab_size]
 
     def _doc_mask(self, tokens_bt: jax.Array) -> jax.Array:
         is_eos_bt = (tokens_bt == self.eos_id).astype(jnp.int32)

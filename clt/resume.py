@@ -300,7 +300,8 @@ def check_same_init(meta: dict, init_from: str) -> None:
                           f"{recorded or 'scratch'!r}", "use a new --workdir, or drop --init-from to resume")
 
 
-MODEL_SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "tie_embeddings")
+MODEL_SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "tie_embeddings",
+                      "qkv_bias", "qk_norm")
 
 
 def model_record(cfg: Config, dims: Any) -> dict:

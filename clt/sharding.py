@@ -86,7 +86,7 @@ def check_layout(cfg: Config, plan: Plan, n_devices: int | None, dims: ModelDims
     model's shape; `vocab_known=False` leaves its vocabulary unchecked (it follows the data, which `clt plan
     show` does not read).
     """
-    vocab = dims.vocab_size if vocab_known else None
+    vocab = dims.padded_vocab if vocab_known else None
     if n_devices is not None:
         sizes: dict[str, int | None] = dict(mesh_axis_sizes(cfg.mesh, n_devices))
     else:
@@ -104,10 +104,7 @@ def check_layout(cfg: Config, plan: Plan, n_devices: int | None, dims: ModelDims
                                   "splits the heads, kv heads and d_ff)", f"use a mesh.tensor that divides "
                                   f"{all_of}: {_divisors(math.gcd(*split.values()))}; or change {field}")
         if vocab is not None and vocab % tensor:
-            if cfg.model.vocab_size:
-                raise ConfigError("model.vocab_size", vocab, f"not divisible by mesh.tensor = {tensor}",
-                                  f"pad it to a multiple of {tensor}, e.g. {-(-vocab // tensor) * tensor}")
-            raise ConfigError("mesh.tensor", tensor, f"does not divide the vocabulary {vocab} (the data's, "
+            raise ConfigError("mesh.tensor", tensor, f"does not divide the embedding's {vocab} rows (the vocabulary "
                               "padded to a multiple of 128)", f"use a divisor of {vocab}: {_divisors(vocab)}")
     if fsdp is not None and fsdp > 1 and dims.d_model % fsdp:
         raise ConfigError("mesh.fsdp", fsdp, f"does not divide model.d_model = {dims.d_model} (fsdp splits every "
@@ -202,4 +199,4 @@ def _check_divisible(mesh: Mesh, where: str, var: nnx.Variable) -> None:
             field = _FIELD_OF.get(name, name)
             raise ConfigError(f"model.{field}", size,
                               f"{where} dim {name!r} = {size} does not divide mesh axes {axes} = {ways} ways",
-                              f"make model.{field} a multiple of {ways} (pad the vocab) or shrink those mesh axes")
+                              f"make model.{field} a multiple of {ways} or shrink those mesh axes")

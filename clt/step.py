@@ -19,7 +19,7 @@ from flax import nnx, struct
 from clt import sharding
 from clt.config import Config, ConfigError, ModelConfig, OptimConfig
 from clt.loss import token_nll
-from clt.model import PRESETS, ModelDims, Transformer
+from clt.model import PRESETS, VOCAB_MULTIPLE, ModelDims, Transformer
 from clt.optim import with_lr
 from clt.plan import Plan
 from clt.schedule import lr_at
@@ -28,10 +28,11 @@ SPIKE_WARMUP = 20
 """Good steps (since the last switch) before the loss running mean is trusted to flag spikes."""
 EMA_DECAY = 0.98
 """The loss running mean's decay per good step."""
-VOCAB_MULTIPLE = 128
-"""The data's vocabulary is padded to a multiple of this: it shards evenly over tensor axes, matmuls align."""
 
 _REQUIRED_DIMS = ("d_model", "n_layers", "n_heads", "d_ff")
+_SWITCHES = ("norm_eps", "qkv_bias", "qk_norm", "rope_scaling", "rope_factor", "rope_low_freq_factor",
+             "rope_high_freq_factor", "rope_original_context", "sliding_window")
+"""ModelDims fields the config gives directly (no preset supplies them)."""
 
 
 @struct.dataclass
@@ -84,21 +85,26 @@ def resolve_dims(cfg: ModelConfig, vocab_size: int) -> ModelDims:
         raise ConfigError("model.n_kv_heads", dims["n_kv_heads"],
                           f"n_heads={dims['n_heads']} is not a multiple of n_kv_heads={dims['n_kv_heads']}",
                           "use a divisor of n_heads (n_kv_heads == n_heads is plain multi-head attention)")
-    if dims["d_model"] % dims["n_heads"]:
-        raise ConfigError("model.n_heads", dims["n_heads"],
-                          f"d_model={dims['d_model']} is not divisible by n_heads={dims['n_heads']}",
-                          "use a divisor of d_model")
-    if (dims["d_model"] // dims["n_heads"]) % 2:
-        raise ConfigError("model.n_heads", dims["n_heads"],
-                          f"head_dim = d_model/n_heads = {dims['d_model'] // dims['n_heads']} is odd; RoPE rotates pairs",
-                          "choose n_heads so that d_model/n_heads is even")
-    return ModelDims(vocab_size=int(vocab), head_dim=dims["d_model"] // dims["n_heads"],
-                     norm_eps=float(cfg.norm_eps), **{k: dims[k] for k in (*_REQUIRED_DIMS, "n_kv_heads")},
-                     rope_theta=float(dims["rope_theta"]), tie_embeddings=bool(dims["tie_embeddings"]))
+    head_dim = cfg.head_dim
+    if not head_dim:
+        if dims["d_model"] % dims["n_heads"]:
+            raise ConfigError("model.n_heads", dims["n_heads"],
+                              f"d_model={dims['d_model']} is not divisible by n_heads={dims['n_heads']}",
+                              "use a divisor of d_model, or give model.head_dim")
+        head_dim = dims["d_model"] // dims["n_heads"]
+    if head_dim % 2:
+        field = "model.head_dim" if cfg.head_dim else "model.n_heads"
+        derived = "" if cfg.head_dim else "d_model/n_heads = "
+        raise ConfigError(field, cfg.head_dim or dims["n_heads"], f"head_dim = {derived}{head_dim} is odd; RoPE "
+                          "rotates pairs", "choose an even head_dim (d_model/n_heads when model.head_dim is 0)")
+    return ModelDims(vocab_size=int(vocab), head_dim=head_dim, **{k: dims[k] for k in (*_REQUIRED_DIMS, "n_kv_heads")},
+                     rope_theta=float(dims["rope_theta"]), tie_embeddings=bool(dims["tie_embeddings"]),
+                     **{k: getattr(cfg, k) for k in _SWITCHES})
 
 
 def model_dims(cfg: Config, data_vocab: int) -> ModelDims:
-    """The run's model shape: the config's, with the data's vocabulary padded to VOCAB_MULTIPLE."""
+    """The run's model shape: the config's, with the data's vocabulary padded to VOCAB_MULTIPLE (a source
+    model's vocabulary, from model.vocab_size, is kept: its logits stay the source's)."""
     if cfg.model.vocab_size and cfg.model.vocab_size < data_vocab:
         raise ConfigError("model.vocab_size", cfg.model.vocab_size, f"smaller than the data's vocabulary {data_vocab}",
                           "raise it or set 0 to follow the data")

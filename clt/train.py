@@ -23,7 +23,7 @@ from typing import Any
 import jax
 
 from clt import checkpoint, monitor, replay, resume, sharding, step
-from clt.config import Config
+from clt.config import Config, ConfigError
 from clt.data.pipeline import (BatchSource, check_data_needed, data_manifest, device_prefetch, iterate,
                                load_domains)
 from clt.data.tokenizer import load_tokenizer
@@ -85,6 +85,39 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
             lock.release()
 
 
+def has_checkpoints(wd: pathlib.Path) -> bool:
+    own = wd / "checkpoints"
+    return own.is_dir() and any(p.name.isdigit() for p in own.iterdir())
+
+
+def with_source_model(cfg: Config, wd: pathlib.Path) -> Config:
+    """`cfg` with its init_from source's architecture. A run that has checkpoints takes it from its own
+    (the same fields, recorded at its start), so a resume does not need the source any more."""
+    spec = cfg.model.init_from
+    if has_checkpoints(wd):
+        try:
+            fields = checkpoint.source_model_fields(f"ckpt:{wd}", cfg.checkpoint)
+        except Exception:  # noqa: BLE001 - unreadable: the resume reports it; the source still gives the fields
+            fields = checkpoint.source_model_fields(spec, cfg.checkpoint)
+    else:
+        fields = checkpoint.source_model_fields(spec, cfg.checkpoint)
+    return dataclasses.replace(cfg, model=cfg.model.adopt(fields, spec))
+
+
+def check_source_tokenizer(cfg: Config, data: dict, wd: pathlib.Path) -> dict:
+    """The data's tokenizer {name, fingerprint}; a run starting from init_from must use the source model's (a
+    resume was checked at its start: the source may be gone)."""
+    some = next(iter(data.values()))
+    mine = dict(name=some.tokenizer, fingerprint=some.tokenizer_fingerprint)
+    fresh = cfg.model.init_from and not has_checkpoints(wd)
+    source = checkpoint.source_tokenizer(cfg.model.init_from, cfg.checkpoint) if fresh else None
+    if source and source.get("fingerprint") and mine["fingerprint"] and source["fingerprint"] != mine["fingerprint"]:
+        raise ConfigError("data.domains", some.tokenizer, f"the data was prepared with tokenizer {mine['name']} "
+                          f"({mine['fingerprint']}), the model {cfg.model.init_from} uses {source['name']} "
+                          f"({source['fingerprint']})", f"prepare the data with --tokenizer {source['name']}")
+    return mine
+
+
 class Run:
     """One invocation of `clt train` on a workdir: its setup, the loop, and the actions the loop takes."""
 
@@ -96,9 +129,12 @@ class Run:
     # ------------------------------------------------------------------------------------------------ Setup
     def start(self, accept_changed_past: bool) -> dict | None:
         """Everything before the first step; a finished run returns its result here (nothing to train)."""
+        plan = resolve(self.cfg)  # first: a config error must not wait for the devices, the data or the model
+        if self.cfg.model.init_from:  # the model is the source's (its config.json, or its run's config)
+            self.cfg = with_source_model(self.cfg, self.wd)
         cfg, wd = self.cfg, self.wd
-        plan = resolve(cfg)  # first: a config error must not wait for the devices, the data or the model
         self.data = data = load_domains(cfg)
+        self.tokenizer = check_source_tokenizer(cfg, data, wd)
         manifest = data_manifest(cfg, data)
         self.dims = dims = step.model_dims(cfg, max(d.vocab_size for d in data.values()))
         sharding.check_layout(cfg, plan, jax.device_count(), dims)  # every divisibility, one line each
@@ -141,7 +177,7 @@ class Run:
             some = next(iter(data.values()))
             self.loaded.check_compatible(plan.seq_len, some.vocab_size, some.tokenizer)
         self.meta = dict(plan=plan.to_json(), digest=plan.digest(), data=manifest, init_from=cfg.model.init_from,
-                         model=model, config=cfg.to_dict())
+                         model=model, config=cfg.to_dict(), tokenizer=self.tokenizer)
         self.open_run_files(manifest)
         events = resume.start_events(begin, cfg)
         for event in events:
@@ -154,8 +190,9 @@ class Run:
                          ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
         else:
             if cfg.model.init_from:
-                params = checkpoint.load_init_weights(cfg.model.init_from, self.abstract.params,
-                                                      self.state_sh.params, cfg.checkpoint)
+                params = checkpoint.load_init_weights(cfg.model.init_from, dims, self.abstract.params,
+                                                      self.state_sh.params, cfg.checkpoint,
+                                                      progress=self.is_main and sys.stderr.isatty())
                 self.emit(dict(event="init_from", step=0, source=cfg.model.init_from))
                 log.info("initialised from %s (fresh optimizer, step 0)", cfg.model.init_from)
             self.state = step.init_state(params, self.tx, self.state_sh)

@@ -271,9 +271,12 @@ def test_missing_tokenizer_file_says_the_file_is_missing(tmp_path, capsys):
     # Without the tokenizers package too: the path is the mistake, not the package.
     with pytest.raises(TokenizerError, match=r"nope\.json' does not exist: pass 'byte'"):
         load_tokenizer(str(tmp_path / "nope.json"))
-    user_error(capsys, r"^clt: error: --tokenizer = '.*nope\.json': no such file; give byte or the path",
-               "prepare", "text", "--domain", "d", "--tokenizer", str(tmp_path / "nope.json"), "--out",
-               str(tmp_path / "out"), *text_files(tmp_path / "docs"))
+    user_error(capsys, r"^clt: error: --tokenizer = '.*nope\.json': no such file; give byte, the path of a Hugging "
+               r"Face tokenizer.json, or a model folder$", "prepare", "text", "--domain", "d", "--tokenizer",
+               str(tmp_path / "nope.json"), "--out", str(tmp_path / "out"), *text_files(tmp_path / "docs"))
+    (tmp_path / "model").mkdir()  # a model folder without its tokenizer files
+    user_error(capsys, r"^clt: error: --tokenizer = '.*model': the folder has no tokenizer.json; give a Hugging Face "
+               r"model folder", "prepare", "demo", "--tokenizer", str(tmp_path / "model"), "--out", str(tmp_path / "o"))
     user_error(capsys, r"^clt: error: FILE = '.*docs': is a folder; pass the text files in it", "prepare", "text",
                "--domain", "d", "--out", str(tmp_path / "out"), str(tmp_path / "docs"))
     user_error(capsys, r"^clt: error: --eval-fraction = 1.5: must be in \[0, 1\)", "prepare", "text", "--domain",
@@ -330,12 +333,12 @@ def test_check_layout_unit(capsys):
     pl = plan.resolve(cfg)
     layout(cfg, pl, 8, vocab_size=384)
     layout(cfg, pl, None)  # the data's vocabulary unknown: not checked
-    with pytest.raises(ConfigError, match=r"^mesh.tensor = 2: does not divide the vocabulary 257"):
-        layout(cfg, pl, 8, vocab_size=257)
-    explicit = config.load(SMOKE, ["mesh.tensor=2", "model.vocab_size=257"])
-    with pytest.raises(ConfigError, match=r"^model.vocab_size = 257: not divisible by mesh.tensor = 2; pad it to a "
-                                          r"multiple of 2, e.g. 258"):
-        layout(explicit, pl, None)
+    layout(cfg, pl, 8, vocab_size=257)  # padded to 384 embedding rows
+    three = config.load(SMOKE, ["mesh.tensor=3", "mesh.data=1", "model.n_heads=3", "model.n_kv_heads=3",
+                                "model.d_model=48", "model.d_ff=96"])
+    with pytest.raises(ConfigError, match=r"^mesh.tensor = 3: does not divide the embedding's 128 rows \(the "
+                                          r"vocabulary padded to a multiple of 128\); use a divisor of 128"):
+        layout(three, plan.resolve(three), 3, vocab_size=100)
     fsdp = config.load(SMOKE, ["mesh.fsdp=3", "mesh.data=1", "model.d_model=64"])
     with pytest.raises(ConfigError, match=r"^mesh.fsdp = 3: does not divide model.d_model = 64"):
         layout(fsdp, pl, None)

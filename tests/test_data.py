@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 from clt.data import prepare
 from clt.data.prepare import PrepareError, prepare_demo, prepare_text
 from clt.data.shards import DomainData, Shard, ShardError, write_shard
-from clt.data.tokenizer import ByteTokenizer, TokenizerError, document_ids, load_tokenizer
+from clt.data.tokenizer import ByteTokenizer, TokenizerError, document_ids, load_tokenizer, write_hf_tokenizer
 
 EOS = 10
 VOCAB = 11
@@ -376,3 +377,88 @@ def test_demo_is_deterministic_and_silent(demo, tmp_path, capsys):
     for name in prepare.DEMO_DOMAINS:
         assert _folder_bytes(tmp_path / name) == _folder_bytes(out / name)
         assert DomainData(tmp_path / name).manifest_hash() == DomainData(out / name).manifest_hash()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face model folders: the model's own tokenizer, its identity, and tokenizer files for an export.
+# ----------------------------------------------------------------------------------------------------------
+MIXED = "Plain ASCII, é, 中文, 🙂 and\nnew lines\r\n\ttabs."
+
+
+def _model_folder(folder, *, adds_bos: bool, config: dict):
+    """A model folder: a WordLevel tokenizer.json (with a BOS-prepending post-processor when `adds_bos`) and
+    a config.json with the given special ids."""
+    tokenizers = pytest.importorskip("tokenizers")
+    folder.mkdir()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|endoftext|>": 3, "hello": 4, "world": 5}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>", "</s>", "<|endoftext|>"])
+    if adds_bos:
+        tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_model_folder_gives_bos_and_eos_from_its_config(tmp_path):
+    llama = load_tokenizer(str(_model_folder(tmp_path / "llama", adds_bos=True,
+                                             config=dict(bos_token_id=1, eos_token_id=[2, 3]))))
+    assert (llama.name, llama.bos_id, llama.eos_id) == (str((tmp_path / "llama").resolve()), 1, 2)  # first EOS
+    assert list(document_ids(llama, "hello world")) == [1, 4, 5, 2]
+    # Qwen-like: the config names a BOS (the same id as EOS) that the tokenizer never adds: no BOS in the data
+    qwen = load_tokenizer(str(_model_folder(tmp_path / "qwen", adds_bos=False,
+                                            config=dict(bos_token_id=3, eos_token_id=3))))
+    assert (qwen.bos_id, qwen.eos_id) == (None, 3)
+    assert list(document_ids(qwen, "hello")) == [4, 3]
+    # no ids in config.json: tokenizer_config.json's eos_token names it
+    other = _model_folder(tmp_path / "other", adds_bos=False, config={})
+    (other / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    assert load_tokenizer(str(other)).eos_id == 2
+
+
+def test_the_fingerprint_follows_the_ids_and_is_recorded_in_the_shards(tmp_path):
+    a = _model_folder(tmp_path / "a", adds_bos=True, config=dict(bos_token_id=1, eos_token_id=2))
+    b = _model_folder(tmp_path / "b", adds_bos=True, config=dict(bos_token_id=1, eos_token_id=3))  # another EOS
+    fa, fb = load_tokenizer(str(a)).fingerprint, load_tokenizer(str(b)).fingerprint
+    assert fa != fb and len(fa) == 16 and load_tokenizer("byte").fingerprint == "byte"
+    shutil.copytree(a, tmp_path / "a-copy")  # a copy elsewhere is the same tokenizer
+    assert load_tokenizer(str(tmp_path / "a-copy")).fingerprint == fa
+    files = _text_files(tmp_path / "in", n=2)
+    prepare_text(files, domain="d", tokenizer=str(a), out=str(tmp_path / "out"), progress=False)
+    assert DomainData(tmp_path / "out").tokenizer_fingerprint == fa
+    index = json.loads((tmp_path / "out" / "train" / "index.json").read_text())
+    assert index["tokenizer_sha256"] == fa
+    del index["tokenizer_sha256"]  # a shard written before clt recorded fingerprints still loads
+    (tmp_path / "out" / "train" / "index.json").write_text(json.dumps(index))
+    (tmp_path / "out" / "eval" / "index.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((tmp_path / "out" / "eval" / "index.json").read_text()).items()
+         if k != "tokenizer_sha256"}))
+    assert DomainData(tmp_path / "out").tokenizer_fingerprint is None
+
+
+def test_byte_tokenizer_files_give_the_byte_ids_in_tokenizers_and_transformers(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    assert write_hf_tokenizer("byte", tmp_path) == ["tokenizer.json", "tokenizer_config.json"]
+    want = ByteTokenizer().encode(MIXED).tolist()
+    assert tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(MIXED).ids == want
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf(MIXED)["input_ids"] == want and hf.decode(want) == MIXED
+    assert hf.eos_token_id == 256 and hf.decode([*want, 256], skip_special_tokens=True) == MIXED
+    # and as a model folder's tokenizer, it is the byte tokenizer with the same ids (another fingerprint)
+    folder = load_tokenizer(str(tmp_path))
+    assert (folder.vocab_size, folder.eos_id, folder.bos_id) == (257, 256, None)
+    assert folder.encode(MIXED).tolist() == want
+
+
+def test_a_model_folders_tokenizer_files_round_trip_through_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    src = _model_folder(tmp_path / "src", adds_bos=True, config=dict(bos_token_id=1, eos_token_id=2))
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                          "bos_token": "<s>", "eos_token": "</s>"}))
+    (tmp_path / "out").mkdir()
+    assert write_hf_tokenizer(str(src), tmp_path / "out") == ["tokenizer.json", "tokenizer_config.json"]
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    ours = load_tokenizer(str(src))
+    assert hf("hello world")["input_ids"] == [ours.bos_id, *ours.encode("hello world").tolist()]

@@ -34,6 +34,8 @@ SKIP = {
         "full size (13 MB, ~8 s); data/demo here is the same prepare_demo with max_bytes=150_000",
     "clt prepare text --domain web --tokenizer tokenizer.json --split paragraph --out data/web dump.txt":
         "needs the optional `tokenizers` package and a tokenizer.json",
+    "huggingface-cli download HuggingFaceTB/SmolLM2-135M --local-dir models/SmolLM2-135M":
+        "needs the network; the clone's models/SmolLM2-135M is a tiny random Llama with a byte-level tokenizer",
 }
 
 SMOKE_SIZE = ("model.preset=tiny data.seq_len=32 data.block_rows=64 data.eval_sequences=8 data.eval_batch=8 "
@@ -45,6 +47,8 @@ ADAPT = {  # README command -> (what runs instead, with {cmd} the command as wri
     "clt train configs/next.py --workdir runs/b --init-from ckpt:runs/a replay_buffer.load=buffers/a "
     "phases.0.replay={'share': 0.1, 'source': 'buffer'}": (
         "{cmd} " + SMOKE_SIZE, "runs/a is a smoke run: next.py shrunk to its model and seq_len, and to 6 steps"),
+    "clt train configs/hf_continue.py --workdir runs/smol-legal": (
+        "{cmd} " + SMOKE_SIZE, "the clone's SmolLM2-135M is tiny: the plan shrunk to 6 steps of 32 tokens"),
     ".venv/bin/pytest tests/test_plan_mixture.py -q": (
         "{cmd} --collect-only", "the suite runs that file itself; collecting it checks the path"),
     ".venv/bin/python benchmarks/step.py --preset demo": (
@@ -134,7 +138,27 @@ def clone(demo_data, tmp_path_factory):
     cfg = config.load(str(ROOT / "configs" / "smoke.py"), smoke_overrides(demo_data, "replay_buffer.capacity=64"))
     train.train(cfg, str(root / "runs" / "demo"), progress=False)
     (root / "runs" / "a").symlink_to("demo")
+    tiny_llama(root / "models" / "SmolLM2-135M")
     return root
+
+
+def tiny_llama(folder: pathlib.Path) -> None:
+    """A random Llama in the layout `huggingface-cli download` leaves (config.json, model.safetensors, tokenizer
+    files), tied like SmolLM2, with a byte-level tokenizer (EOS 256) so the README's small texts tokenize."""
+    import json
+
+    import torch
+    import transformers
+
+    from clt.data.tokenizer import write_hf_tokenizer
+
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                      max_position_embeddings=512, eos_token_id=256, bos_token_id=None)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    write_hf_tokenizer("byte", folder)
+    assert json.loads((folder / "config.json").read_text())["eos_token_id"] == 256
 
 
 def run(cmd: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:

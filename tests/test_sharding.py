@@ -131,10 +131,20 @@ def test_tree_shardings_mirrors_params_in_plain_dicts(sharded_model, mesh):
 
 
 def test_a_dim_that_does_not_divide_its_axis_is_a_clear_error(mesh):
-    odd = dataclasses.replace(DIMS, vocab_size=257)  # the byte tokenizer's vocab, unpadded
-    with pytest.raises(ConfigError, match=r"model.vocab_size = 257: \['embed'\] dim 'vocab' = 257 does not divide "
-                                          r"mesh axes \('tensor',\) = 2 ways; make model.vocab_size a multiple of 2"):
+    odd = dataclasses.replace(DIMS, d_ff=97)
+    with pytest.raises(ConfigError, match=r"model.d_ff = 97: \['layers'\]\[0\]\['mlp'\]\['down_proj'\] dim 'mlp' = "
+                                          r"97 does not divide mesh axes \('tensor',\) = 2 ways; make model.d_ff a "
+                                          r"multiple of 2"):
         create_model(odd, mesh, seed=0, dtype=jnp.float32)
+
+
+def test_the_vocabulary_is_padded_so_the_embedding_splits(mesh):
+    """The byte tokenizer's 257 ids: 384 embedding rows shard over tensor=2; logits keep the 257 real ids."""
+    model = create_model(dataclasses.replace(DIMS, vocab_size=257), mesh, seed=0, dtype=jnp.float32)
+    assert model.embed.shape == (384, DIMS.d_model)
+    with use_mesh(mesh):
+        logits = nnx.jit(lambda m, t: m(t))(model, jnp.zeros((4, 8), jnp.int32))
+    assert logits.shape == (4, 8, 257)
 
 
 def test_batch_rows_split_over_data_and_fsdp(mesh):

@@ -7,6 +7,7 @@ Import from here: `from clt.config import Config, ConfigError, load`.
 
 from clt.config.load import apply_overrides, build, from_dict, load, load_raw, parse_value, preset_names
 from clt.config.schema import (
+    ARCH_FIELDS,
     REPO_ROOT,
     BudgetConfig,
     CheckpointConfig,
@@ -33,7 +34,7 @@ from clt.config.schema import (
 )
 
 __all__ = [
-    "REPO_ROOT", "BudgetConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DebugConfig",
+    "ARCH_FIELDS", "REPO_ROOT", "BudgetConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DebugConfig",
     "LogConfig", "MeshConfig", "Mixture", "ModelConfig", "MonitorConfig", "OptimConfig", "PhaseConfig",
     "ReplayBufferConfig", "ReplayConfig", "UpsampleConfig", "apply_overrides", "build", "check_init_from",
     "check_schedule", "config_fields", "did_you_mean", "from_dict", "load", "load_raw", "normalise_mixture",

@@ -208,18 +208,38 @@ class ModelConfig:
     """Llama-family decoder. `preset` fills the shape; explicit fields override it (see model.PRESETS)."""
 
     preset: str = "tiny"
-    """tiny | demo | 125m | 1b | 7b | 8b, or "" to give every dimension explicitly."""
+    """tiny | demo | 125m | 1b | 7b | 8b, or "" to give every dimension explicitly. Not read when init_from
+    names a source: the model's shape is then the source's."""
     vocab_size: int = 0
-    """0 = the data's tokenizer vocabulary (read at train time)."""
+    """0 = the data's tokenizer vocabulary (read at train time). The embedding is padded to a multiple of 128
+    rows; logits cover vocab_size ids."""
     d_model: int = 0
     n_layers: int = 0
     n_heads: int = 0
     n_kv_heads: int = 0
     """Grouped-query attention: n_heads must be a multiple of n_kv_heads."""
+    head_dim: int = 0
+    """0 = d_model / n_heads (Qwen3 sets it apart from d_model)."""
     d_ff: int = 0
     rope_theta: float = 0.0
     tie_embeddings: bool | None = None
     norm_eps: float = 1e-5
+    """RMSNorm's epsilon (HF rms_norm_eps)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm over head_dim on queries and keys before RoPE (Qwen3)."""
+    rope_scaling: str = "none"
+    """none | llama3: Llama 3.1+ long-context RoPE scaling, set by the four rope_* numbers below."""
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+    """HF original_max_position_embeddings: the context the unscaled model was trained at."""
+    sliding_window: int = 0
+    """Attend to at most this many most recent tokens, itself included (Mistral); 0 = full causal attention."""
+    max_position_embeddings: int = 0
+    """The context length written into an exported config.json; 0 = the run's data.seq_len."""
     dtype: str = "auto"
     """Compute dtype: auto (bfloat16 on accelerators, float32 on CPU) | float32 | bfloat16."""
     param_dtype: str = "float32"
@@ -230,6 +250,17 @@ class ModelConfig:
     init_from: str = ""
     """Start from these weights: "ckpt:WORKDIR[@STEP]" (a clt run) or "hf:DIR"; fresh optimizer, step 0."""
 
+    def adopt(self, fields: dict[str, Any], source: str) -> "ModelConfig":
+        """This config with a source model's architecture (`init_from`): the model is the source's. A field this
+        config sets to another value than the source's is an error, never silently replaced."""
+        unset = ModelConfig()
+        for name, value in fields.items():
+            mine = getattr(self, name)
+            if name != "preset" and mine != getattr(unset, name) and mine != value:
+                raise ConfigError(f"model.{name}", mine, f"init_from {source} has {name}={value!r}",
+                                  f"remove model.{name}: the model's shape comes from init_from")
+        return dataclasses.replace(self, **fields)
+
     def check(self, path: str) -> None:
         for name in ("dtype", "param_dtype"):
             allowed = ("auto", "float32", "bfloat16") if name == "dtype" else ("float32", "bfloat16")
@@ -237,7 +268,26 @@ class ModelConfig:
                 raise ConfigError(f"{path}.{name}", getattr(self, name), "unknown dtype", f"use one of {allowed}")
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"{path}.remat", self.remat, "unknown remat policy", "use none, full or dots")
+        if self.rope_scaling not in ("none", "llama3"):
+            raise ConfigError(f"{path}.rope_scaling", self.rope_scaling, "unknown RoPE scaling", "use none or llama3")
+        if self.rope_scaling == "llama3" and not (self.rope_factor > 0 and self.rope_original_context > 0
+                                                  and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            raise ConfigError(f"{path}.rope_factor", self.rope_factor, "llama3 scaling needs factor > 0, "
+                              "original_context > 0 and 0 < low_freq_factor < high_freq_factor",
+                              "use Llama 3.1's 8.0, 8192, 1.0, 4.0")
+        for name in ("head_dim", "sliding_window", "max_position_embeddings"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{path}.{name}", getattr(self, name), "must be 0 or positive", "0 = the default")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"{path}.norm_eps", self.norm_eps, "must be positive", "e.g. 1e-5 or 1e-6")
         check_init_from(self.init_from, f"{path}.init_from")
+
+
+ARCH_FIELDS = ("preset", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+               "rope_theta", "tie_embeddings", "norm_eps", "qkv_bias", "qk_norm", "rope_scaling", "rope_factor",
+               "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context", "sliding_window",
+               "max_position_embeddings")
+"""The ModelConfig fields that say what the weights compute: an init_from source decides them."""
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,8 @@ def _write_domain(documents: Callable[[], Iterable[str]], *, domain: str, tokeni
 
             for split in SPLITS:
                 index = write_shard(staging / split, split_documents(split == "eval"), vocab_size=tokenizer.vocab_size,
-                                    eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id, tokenizer_name=tokenizer.name)
+                                    eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id, tokenizer_name=tokenizer.name,
+                                    tokenizer_fingerprint=tokenizer.fingerprint)
                 summary[split] = {"docs": index["num_docs"], "tokens": index["num_tokens"],
                                   "bytes": index["num_bytes"]}
             # Without "out": the same inputs give byte-identical folders wherever they are written.
@@ -244,20 +245,25 @@ _DEMO_SOURCES: dict[str, tuple[Callable[[], Iterator[str]], str]] = {
 }
 
 
-def prepare_demo(out: str = "data/demo", progress: bool = True, max_bytes: int = 3_000_000) -> dict:
-    """Prepare the demo domains (prose, code, unicode) under `out/<domain>` with the byte tokenizer.
+def prepare_demo(out: str = "data/demo", progress: bool = True, max_bytes: int = 3_000_000,
+                 tokenizer: str = "byte") -> dict:
+    """Prepare the demo domains (prose, code, unicode) under `out/<domain>` (byte tokenizer by default; a
+    model's own tokenizer makes them general text to replay while continuing that model).
 
     The text comes from this Python install (no download), so the output is identical on every run of the
     same install. Each domain holds at most max_bytes of text; returns prepare_text's summary per domain.
     """
     if max_bytes < 1:
         raise PrepareError(f"max_bytes must be positive, got {max_bytes}")
-    tokenizer = ByteTokenizer()
+    try:
+        tok = ByteTokenizer() if tokenizer == "byte" else load_tokenizer(tokenizer)
+    except TokenizerError as e:
+        raise PrepareError(str(e)) from e
     summaries = {}
     for domain, (source, description) in _DEMO_SOURCES.items():
         texts = _capped(source(), max_bytes)
         summaries[domain] = _write_domain(
-            lambda texts=texts: iter(texts), domain=domain, tokenizer=tokenizer, out=pathlib.Path(out) / domain,
+            lambda texts=texts: iter(texts), domain=domain, tokenizer=tok, out=pathlib.Path(out) / domain,
             eval_fraction=DEMO_EVAL_FRACTION, progress=progress,
             sources={"demo": description, "python": sys.version.split()[0], "max_bytes": max_bytes})
     return summaries

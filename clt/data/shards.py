@@ -5,7 +5,7 @@ A shard folder holds
                  document is [BOS] + tokens + [EOS], so documents are separated by EOS;
   docs.npy       int64 start offset of each document in the stream, num_docs + 1 entries, the last num_tokens;
   doc_bytes.npy  int64 UTF-8 byte count of each document (bits per byte needs it);
-  index.json     format, dtype, counts, vocabulary, tokenizer name and the sha256 of tokens.bin.
+  index.json     format, dtype, counts, vocabulary, tokenizer name and fingerprint, the sha256 of tokens.bin.
 Sequences are not stored: sequence i of length L is tokens[i*L : i*L + L + 1] (inputs and shifted targets),
 cut at load time, so one prepared domain serves any sequence length.
 
@@ -109,7 +109,8 @@ def _checked_document(i: int, ids: Any, num_bytes: Any, vocab_size: int, eos_id:
 
 
 def write_shard(out_dir: str | os.PathLike, docs: Iterable[tuple[np.ndarray | list[int], int]], *,
-                vocab_size: int, eos_id: int, bos_id: int | None, tokenizer_name: str) -> dict:
+                vocab_size: int, eos_id: int, bos_id: int | None, tokenizer_name: str,
+                tokenizer_fingerprint: str | None = None) -> dict:
     """Stream (token ids ending with EOS, UTF-8 byte count) documents into a shard at `out_dir`; return its index.
 
     Documents are written as they come (only per-document offsets stay in memory). An existing shard at
@@ -139,7 +140,7 @@ def write_shard(out_dir: str | os.PathLike, docs: Iterable[tuple[np.ndarray | li
         index = dict(format=FORMAT, dtype=dtype.name, num_tokens=offsets[-1], num_docs=len(doc_bytes),
                      num_bytes=int(sum(doc_bytes)), vocab_size=int(vocab_size), eos_id=int(eos_id),
                      bos_id=None if bos_id is None else int(bos_id), tokenizer=tokenizer_name,
-                     sha256=digest.hexdigest())
+                     tokenizer_sha256=tokenizer_fingerprint, sha256=digest.hexdigest())
         (staging / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     return index
 
@@ -203,6 +204,11 @@ class Shard:
     def tokenizer(self) -> str:
         """The tokenizer's name: "byte" or the tokenizer.json path it was prepared with."""
         return str(self._index["tokenizer"])
+
+    @property
+    def tokenizer_fingerprint(self) -> str | None:
+        """The tokenizer's identity (`Tokenizer.fingerprint`); None for shards written before clt recorded it."""
+        return self._index.get("tokenizer_sha256")
 
     @property
     def bytes_per_token(self) -> float:
@@ -274,7 +280,7 @@ class DomainData:
             raise ShardError(f"no prepared domain at {self.path}: run `clt prepare` to create it")
         self.train = Shard(self.path / "train")
         self.eval = Shard(self.path / "eval")
-        for key in ("vocab_size", "eos_id", "bos_id", "tokenizer"):
+        for key in ("vocab_size", "eos_id", "bos_id", "tokenizer", "tokenizer_fingerprint"):
             if getattr(self.train, key) != getattr(self.eval, key):
                 raise ShardError(f"{self.path}: train and eval disagree on {key} ({getattr(self.train, key)!r} vs "
                                  f"{getattr(self.eval, key)!r}): re-run `clt prepare` for the whole domain")
@@ -286,6 +292,10 @@ class DomainData:
     @property
     def tokenizer(self) -> str:
         return self.train.tokenizer
+
+    @property
+    def tokenizer_fingerprint(self) -> str | None:
+        return self.train.tokenizer_fingerprint
 
     def __reduce__(self):
         return DomainData, (str(self.path),)
