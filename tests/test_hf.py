@@ -10,6 +10,7 @@ import json
 import pathlib
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -369,3 +370,26 @@ def test_an_imported_workdir_starts_a_run_with_its_architecture_and_tokenizer(hf
     with pytest.raises(ConfigError, match=r"the data was prepared with tokenizer byte \(byte\), the model ckpt:.* "
                                           r"uses .*qwen2 \(\w+\)"):
         train.train(other, str(tmp_path / "run2"), progress=False)
+
+
+def test_a_byte_tokenized_run_exports_with_an_equivalent_tokenizer(smoke_run, tmp_path):
+    """The smoke run (preset tiny, byte tokenizer, vocabulary 257 padded to 384 by the data): its export loads in
+    transformers with logits equal to clt's on the run's own checkpoint, and its tokenizer gives the byte ids."""
+    from clt.checkpoint import load_init_weights
+    from clt.config import CheckpointConfig
+    from clt.model import Transformer
+    from clt.sharding import shardings_of
+    from clt.step import resolve_dims
+
+    cfg, wd, _ = smoke_run
+    summary = convert.export_checkpoint(str(wd), tmp_path / "out")
+    assert summary["tokenizer"] == "byte" and summary["architecture"] == "LlamaForCausalLM"
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok("é中")["input_ids"] == list("é中".encode())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    dims = resolve_dims(cfg.model, 384)
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(dims, dtype=jnp.float32, rngs=nnx.Rngs(0))))
+    params = load_init_weights(f"ckpt:{wd}", dims, abstract, shardings_of(mesh, abstract), CheckpointConfig())
+    ids = np.random.default_rng(4).integers(0, 257, (2, 16))
+    np.testing.assert_allclose(hf_logits(hf, ids), clt_logits(nnx.merge(graphdef, params), ids), atol=1e-4, rtol=0)
