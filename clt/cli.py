@@ -19,13 +19,15 @@ from clt.config import ConfigError
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's to fix: shown as one line, exit 2."""
     errors: list[type[BaseException]] = [ConfigError]
+    from clt.data.inputs import InputError
     from clt.data.prepare import PrepareError
     from clt.data.shards import ShardError
+    from clt.data.store import StoreError
     from clt.data.tokenizer import TokenizerError
     from clt.hf.arch import HFError
     from clt.hf.safetensors import SafetensorsError
     from clt.resume import WorkdirBusy
-    errors += [PrepareError, ShardError, WorkdirBusy, HFError, SafetensorsError, TokenizerError]
+    errors += [PrepareError, ShardError, StoreError, InputError, WorkdirBusy, HFError, SafetensorsError, TokenizerError]
     return tuple(errors)
 
 
@@ -231,20 +233,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                                               tokenizer=args.tokenizer).values())
     else:
         if not args.domain:
-            raise ConfigError("--domain", None, "`clt prepare text` needs a domain name", "add --domain NAME")
+            raise ConfigError("--domain", None, f"`clt prepare {args.what}` needs a domain name", "add --domain NAME")
         if not args.files:
-            raise ConfigError("FILE", None, "no input files", "list UTF-8 text files after the options")
-        for f in map(pathlib.Path, args.files):
-            if f.is_dir():
-                raise ConfigError("FILE", str(f), "is a folder", "pass the text files in it (e.g. DIR/*.txt)")
-            if not f.is_file():
-                raise ConfigError("FILE", str(f), "no such file", "check the path")
+            raise ConfigError("FILE", None, "no inputs", f"list {args.what} files or globs after the options")
+        if args.part_mb <= 0:
+            raise ConfigError("--part-mb", args.part_mb, "must be positive", "use e.g. 16")
+        if args.workers < 1:
+            raise ConfigError("--workers", args.workers, "must be at least 1", "give a number of processes, e.g. 4")
         check_tokenizer_spec(args.tokenizer)
-        summaries = [prepare.prepare_text(args.files, domain=args.domain, tokenizer=args.tokenizer, out=args.out,
-                                          eval_fraction=args.eval_fraction, split=args.split,
-                                          progress=not args.quiet and sys.stderr.isatty())]
+        summaries = [prepare.prepare(args.what, args.files, domain=args.domain, tokenizer=args.tokenizer,
+                                     out=args.out, eval_fraction=args.eval_fraction, field=args.field,
+                                     split=args.split, workers=args.workers, ray=args.ray, skip_bad=args.skip_bad,
+                                     part_bytes=max(1, int(args.part_mb * 2**20)),
+                                     progress=not args.quiet and sys.stderr.isatty())]
+        if summaries[0]["skipped"]:
+            print(f"skipped {summaries[0]['skipped']:,} bad record(s), e.g. {summaries[0]['skipped_examples'][0]}",
+                  file=sys.stderr)
     tokenizers = sorted({sm["tokenizer"] for sm in summaries})
-    where = args.out if args.what == "text" else f"{args.out}/{{{','.join(sm['domain'] for sm in summaries)}}}"
+    where = args.out if args.what != "demo" else f"{args.out}/{{{','.join(sm['domain'] for sm in summaries)}}}"
     print(f"prepared {len(summaries)} domain{'s' if len(summaries) > 1 else ''} (tokenizer {', '.join(tokenizers)}): "
           f"{where}")
     print(plan_view.format_table(prepare.summary_rows(summaries)))
@@ -524,16 +530,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--plot", metavar="FILE.png")
     p.set_defaults(func=cmd_schedule)
 
-    p = sub.add_parser("prepare", help="tokenize text into clt shards")
-    p.add_argument("what", choices=["text", "demo"])
-    p.add_argument("files", nargs="*", metavar="FILE")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("prepare", help="tokenize a corpus into a prepared domain (a folder, gs:// or s3://)")
+    p.add_argument("what", choices=["text", "jsonl", "parquet", "demo"])
+    p.add_argument("files", nargs="*", metavar="INPUT",
+                   help="files or globs (.gz/.zst read as compressed); parquet: also a `datasets` save_to_disk folder")
+    p.add_argument("--out", required=True, help="the domain's folder, or gs://BUCKET/PREFIX, s3://BUCKET/PREFIX")
     p.add_argument("--domain")
     p.add_argument("--tokenizer", default="byte",
                    help="byte, a Hugging Face tokenizer.json, or a model folder (its tokenizer and BOS/EOS ids)")
     p.add_argument("--eval-fraction", type=float, default=0.05)
+    p.add_argument("--field", default="text", help="jsonl/parquet: the key or column holding the text")
     p.add_argument("--split", choices=["file", "paragraph"], default="file",
-                   help="one document per file, or per blank-line-separated paragraph")
+                   help="text: one document per file, or per blank-line-separated paragraph")
+    p.add_argument("--workers", type=int, default=1, help="tokenize with N processes (same output as 1)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="tokenize on a Ray cluster (ADDRESS as for ray.init, or 'local'); needs clt[ray]")
+    p.add_argument("--skip-bad", action="store_true", help="count and skip bad records instead of stopping")
+    p.add_argument("--part-mb", type=float, default=16,
+                   help="input MiB per part, the unit of work of a worker (and of resuming); output is the same")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)
 

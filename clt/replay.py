@@ -30,7 +30,7 @@ import numpy as np
 from clt.checkpoint import CheckpointStore
 from clt.config import CheckpointConfig, ConfigError
 from clt.data.pipeline import example_index
-from clt.data.shards import DomainData, staged_directory, token_dtype
+from clt.data.shards import DomainData, domain_exists, staged_directory, token_dtype
 from clt.mixture import MixtureSchedule
 from clt.plan import Plan
 from clt.resume import PLAN_FILE, read_record
@@ -190,12 +190,16 @@ def materialise(res: Reservoir, plan: Plan, step: int, data: Mapping[str, Domain
     dtype = token_dtype(vocab)
     with staged_directory(out, replaceable=_FILES) as tmp:
         tokens = np.memmap(tmp / "tokens.bin", dtype=dtype, mode="w+", shape=(max(fill, 1), L + 1))
-        for i in range(fill):
+        resident = np.array([int(d) in present for d in res.domain[:fill]], bool)
+        for d, domain in present.items():  # one batched read per domain (one round trip on a bucket)
+            rows = np.flatnonzero(resident & (res.domain[:fill] == d))
+            if rows.size:
+                n = domain.train.num_sequences(L)
+                idx = [example_index(plan.seed, domains[d], int(k), n) for k in res.draw[rows]]
+                tokens[rows] = domain.train.sequences(np.array(idx, np.int64), L)
+        for i in np.flatnonzero(~resident).tolist():
             d, k = int(res.domain[i]), int(res.draw[i])
-            if d in present:
-                shard = present[d].train
-                tokens[i] = shard.sequence(example_index(plan.seed, domains[d], k, shard.num_sequences(L)), L)
-            elif (domains[d], k) in carried:
+            if (domains[d], k) in carried:
                 tokens[i] = previous.tokens[carried[(domains[d], k)]]
             else:
                 raise ConfigError(f"data.domains.{domains[d]}", None, "its data is gone and the replay buffer "
@@ -268,7 +272,7 @@ def buffer_of_workdir(workdir: str | pathlib.Path) -> tuple[ReplayBuffer, int] |
     store.close()
     if step is None:
         raise ConfigError("path", str(path), "has no checkpoint yet", "train first; the buffer follows the checkpoints")
-    data = {d: DomainData(p) for d, p in record.config.data.domains if pathlib.Path(p).exists()}
+    data = {d: DomainData(p) for d, p in record.config.data.domains if domain_exists(p)}
     return ReplayBuffer(path / "replay", record.plan, capacity, data), step
 
 

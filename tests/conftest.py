@@ -18,6 +18,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+pytest_plugins = ["objstores"]  # the s3_store and gcs_store fixtures (local S3 server, GCS emulator)
 SMOKE = ROOT / "configs" / "smoke.py"
 
 # Outside the repository, shared by every checkout of this user (entries are keyed by the program and versions).

@@ -277,7 +277,7 @@ def test_missing_tokenizer_file_says_the_file_is_missing(tmp_path, capsys):
     (tmp_path / "model").mkdir()  # a model folder without its tokenizer files
     user_error(capsys, r"^clt: error: --tokenizer = '.*model': the folder has no tokenizer.json; give a Hugging Face "
                r"model folder", "prepare", "demo", "--tokenizer", str(tmp_path / "model"), "--out", str(tmp_path / "o"))
-    user_error(capsys, r"^clt: error: FILE = '.*docs': is a folder; pass the text files in it", "prepare", "text",
+    user_error(capsys, r"^clt: error: .*docs is a folder: pass the files in it or a glob", "prepare", "text",
                "--domain", "d", "--out", str(tmp_path / "out"), str(tmp_path / "docs"))
     user_error(capsys, r"^clt: error: --eval-fraction = 1.5: must be in \[0, 1\)", "prepare", "text", "--domain",
                "d", "--out", str(tmp_path / "out"), "--eval-fraction", "1.5", *text_files(tmp_path / "docs"))

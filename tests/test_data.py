@@ -13,6 +13,7 @@ import pytest
 
 from clt.data import prepare
 from clt.data.prepare import PrepareError, prepare_demo, prepare_text
+from clt.data import store
 from clt.data.shards import DomainData, Shard, ShardError, write_shard
 from clt.data.tokenizer import ByteTokenizer, TokenizerError, document_ids, load_tokenizer, write_hf_tokenizer
 
@@ -31,8 +32,9 @@ def _write(path, docs=DOCS, doc_bytes=DOC_BYTES, vocab_size=VOCAB, eos_id=EOS):
 def _documents(shard: Shard) -> list[str]:
     """The shard's documents as text; each must end with EOS."""
     tok, offsets = ByteTokenizer(), shard.doc_offsets
-    assert all(shard.tokens[end - 1] == shard.eos_id for end in offsets[1:])
-    return [tok.decode(shard.tokens[start:end]) for start, end in zip(offsets[:-1], offsets[1:])]
+    tokens = shard.read_tokens(0, shard.num_tokens)
+    assert all(tokens[end - 1] == shard.eos_id for end in offsets[1:])
+    return [tok.decode(tokens[start:end]) for start, end in zip(offsets[:-1], offsets[1:])]
 
 
 def _folder_bytes(root: pathlib.Path) -> dict:
@@ -86,7 +88,7 @@ def test_prepare_text_with_an_hf_tokenizer_adds_bos_and_eos(tmp_path):
     prepare_text(files, domain="d", tokenizer=str(path), out=str(tmp_path / "out"), progress=False)
     data = DomainData(tmp_path / "out")
     assert data.tokenizer == str(path) and data.vocab_size == len(vocab)
-    docs = sorted([list(data.train.tokens), list(data.eval.tokens)], key=len)
+    docs = sorted([list(s.read_tokens(0, s.num_tokens)) for s in (data.train, data.eval)], key=len)
     assert docs == [[2, vocab["hello"], vocab["world"], 1], [2] + [vocab["hello"], vocab["world"]] * 2 + [1]]
 
 
@@ -130,7 +132,7 @@ def test_sequences_out_of_range_is_an_index_error_with_the_values(tmp_path):
 def test_documents_are_separated_by_eos_and_counted(tmp_path):
     index = _write(tmp_path / "s")
     shard = Shard(tmp_path / "s")
-    np.testing.assert_array_equal(shard.tokens, [1, 2, 3, 10, 4, 5, 10, 6, 7, 8, 9, 10])
+    np.testing.assert_array_equal(shard.read_tokens(0, shard.num_tokens), [1, 2, 3, 10, 4, 5, 10, 6, 7, 8, 9, 10])
     np.testing.assert_array_equal(shard.doc_offsets, [0, 4, 7, 12])
     np.testing.assert_array_equal(shard.doc_bytes, DOC_BYTES)
     assert (shard.num_tokens, shard.num_docs, shard.num_bytes) == (12, 3, 10)
@@ -145,8 +147,8 @@ def test_token_dtype_is_the_smallest_that_fits(tmp_path, vocab_size, dtype):
     _write(tmp_path / "s", docs=[[top, 0, top]], doc_bytes=[4], vocab_size=vocab_size, eos_id=top)
     shard = Shard(tmp_path / "s")
     assert json.loads((tmp_path / "s" / "index.json").read_text())["dtype"] == dtype
-    assert (tmp_path / "s" / "tokens.bin").stat().st_size == 3 * np.dtype(dtype).itemsize
-    np.testing.assert_array_equal(shard.tokens, [top, 0, top])  # the largest id survives the round trip
+    assert store.open_array(str(tmp_path / "s" / "tokens")).dtype.numpy_dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(shard.read_tokens(0, shard.num_tokens), [top, 0, top])  # the largest id survives the round trip
 
 
 def test_vocab_overflow_fails_cleanly_and_keeps_the_old_shard(tmp_path):
@@ -198,11 +200,11 @@ def test_shards_pickle_by_path_not_by_contents(tmp_path):
     assert data.manifest_hash() == DomainData(tmp_path / "d").manifest_hash()
 
 
-def test_truncated_tokens_file_is_detected(tmp_path):
+def test_damaged_token_array_is_detected(tmp_path):
     _write(tmp_path / "s")
-    with open(tmp_path / "s" / "tokens.bin", "r+b") as f:
-        f.truncate(10)
-    with pytest.raises(ShardError, match=r"has 10 bytes, the index says 12 x 2"):
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    (tmp_path / "s" / "index.json").write_text(json.dumps(dict(index, num_tokens=11)))  # array and index disagree
+    with pytest.raises(ShardError, match=r"tokens has shape \(12,\), the index says \(11,\)"):
         Shard(tmp_path / "s")
 
 
@@ -213,11 +215,12 @@ def test_manifest_hash_follows_the_contents(tmp_path):
     a, b, c = Shard(tmp_path / "a"), Shard(tmp_path / "b"), Shard(tmp_path / "c")
     assert a.manifest_hash() == b.manifest_hash()
     assert a.manifest_hash() != c.manifest_hash()
-    assert a.manifest()["files"]["tokens.bin"] == 24
+    assert a.manifest()["num_tokens"] == 12
     c.verify()
-    (tmp_path / "c" / "tokens.bin").write_bytes((tmp_path / "a" / "tokens.bin").read_bytes())
-    with pytest.raises(ShardError, match="does not match the sha256"):
-        c.verify()
+    shutil.rmtree(tmp_path / "c" / "tokens")
+    shutil.copytree(tmp_path / "a" / "tokens", tmp_path / "c" / "tokens")  # same shape, other tokens
+    with pytest.raises(ShardError, match="do not match the sha256"):
+        Shard(tmp_path / "c").verify()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,9 +291,9 @@ def test_prepare_text_splits_paragraphs_at_blank_lines(tmp_path):
 
 def test_prepare_text_input_errors(tmp_path):
     out = str(tmp_path / "out")
-    with pytest.raises(PrepareError, match="no input files"):
+    with pytest.raises(PrepareError, match="no inputs: pass files"):
         prepare_text([], domain="d", tokenizer="byte", out=out, progress=False)
-    with pytest.raises(PrepareError, match=r"input .*missing.txt does not exist"):
+    with pytest.raises(PrepareError, match=r"missing.txt does not exist: check the path"):
         prepare_text([str(tmp_path / "missing.txt")], domain="d", tokenizer="byte", out=out, progress=False)
     files = _text_files(tmp_path / "in", n=2)
     empty = tmp_path / "empty.txt"
@@ -333,7 +336,7 @@ def demo(tmp_path_factory):
 
 
 def _byte_frequencies(shard: Shard) -> np.ndarray:
-    return np.bincount(np.asarray(shard.tokens), minlength=shard.vocab_size) / shard.num_tokens
+    return np.bincount(shard.read_tokens(0, shard.num_tokens), minlength=shard.vocab_size) / shard.num_tokens
 
 
 def _byte_share(shard: Shard, chars: str) -> float:

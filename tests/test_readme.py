@@ -20,6 +20,7 @@ import warnings
 
 import pytest
 from conftest import JAX_CACHE, smoke_overrides
+from objstores import GCS_BUCKET
 
 from clt import config, train
 
@@ -34,6 +35,7 @@ SKIP = {
         "full size (13 MB, ~8 s); data/demo here is the same prepare_demo with max_bytes=150_000",
     "clt prepare text --domain web --tokenizer tokenizer.json --split paragraph --out data/web dump.txt":
         "needs the optional `tokenizers` package and a tokenizer.json",
+    "pip install clt[data]": "installs packages; the test extra already has them",
     "huggingface-cli download HuggingFaceTB/SmolLM2-135M --local-dir models/SmolLM2-135M":
         "needs the network; the clone's models/SmolLM2-135M is a tiny random Llama with a byte-level tokenizer",
 }
@@ -49,6 +51,9 @@ ADAPT = {  # README command -> (what runs instead, with {cmd} the command as wri
         "{cmd} " + SMOKE_SIZE, "runs/a is a smoke run: next.py shrunk to its model and seq_len, and to 6 steps"),
     "clt train configs/hf_continue.py --workdir runs/smol-legal": (
         "{cmd} " + SMOKE_SIZE, "the clone's SmolLM2-135M is tiny: the plan shrunk to 6 steps of 32 tokens"),
+    "clt prepare jsonl --domain web --workers 8 --out gs://my-bucket/clt/web dumps/*.jsonl.zst": (
+        f"clt prepare jsonl --domain web --workers 8 --out gs://{GCS_BUCKET}/clt/web 'dumps/*.jsonl.zst'",
+        "the bucket of the GCS emulator the test runs"),
     ".venv/bin/pytest tests/test_plan_mixture.py -q": (
         "{cmd} --collect-only", "the suite runs that file itself; collecting it checks the path"),
     ".venv/bin/python benchmarks/step.py --preset demo": (
@@ -139,7 +144,31 @@ def clone(demo_data, tmp_path_factory):
     train.train(cfg, str(root / "runs" / "demo"), progress=False)
     (root / "runs" / "a").symlink_to("demo")
     tiny_llama(root / "models" / "SmolLM2-135M")
+    corpora(root)
     return root
+
+
+def corpora(root: pathlib.Path) -> None:
+    """The corpora of the README's `clt prepare jsonl|parquet` examples, small: zstd JSONL dumps, Parquet files
+    and a `datasets` save_to_disk folder."""
+    import json
+
+    import datasets
+    import pyarrow
+    import pyarrow.parquet
+    import zstandard
+
+    texts = [f"Article {i}. " + "Some sentence about topic %d. " % (i % 7) * (i % 9 + 1) for i in range(40)]
+    (root / "dumps").mkdir()
+    for k in range(2):
+        lines = "".join(json.dumps({"text": t, "url": f"https://example.org/{i}"}) + "\n"
+                        for i, t in enumerate(texts[k::2]))
+        (root / "dumps" / f"crawl-{k}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    (root / "wiki" / "data").mkdir(parents=True)
+    for k in range(2):
+        pyarrow.parquet.write_table(pyarrow.table({"id": list(range(20)), "text": texts[k * 20:(k + 1) * 20]}),
+                                    root / "wiki" / "data" / f"train-{k:05d}-of-00002.parquet")
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(root / "saved" / "news" / "train"))
 
 
 def tiny_llama(folder: pathlib.Path) -> None:
@@ -189,7 +218,7 @@ def _words(line: str) -> str:
     return " ".join(line.split())
 
 
-def test_every_readme_command_runs(clone):
+def test_every_readme_command_runs(clone, gcs_store):
     commands = readme_commands((ROOT / "README.md").read_text())
     keys = {c.key for c in commands}
     assert len(commands) >= 10, "the README parser found too few commands"

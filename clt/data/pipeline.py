@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import pathlib
 import zlib
 from typing import Callable, Iterator, Mapping
 
@@ -19,7 +18,7 @@ import grain
 import numpy as np
 
 from clt.config import Config, ConfigError
-from clt.data.shards import DomainData
+from clt.data.shards import DomainData, domain_exists
 from clt.mixture import MixtureSchedule, slot_names
 from clt.plan import PhasePlan, Plan
 
@@ -50,7 +49,7 @@ def check_sequences_fit(data: Mapping[str, DomainData], seq_len: int) -> None:
 def load_domains(cfg: Config) -> dict[str, DomainData]:
     """The declared domains whose prepared data exists (a domain only past phases used may be deleted);
     their sequences fit `seq_len` and they share one tokenizer."""
-    data = {name: DomainData(path) for name, path in cfg.data.domains if pathlib.Path(path).exists()}
+    data = {name: DomainData(path) for name, path in cfg.data.domains if domain_exists(path)}
     if not data:
         name, path = cfg.data.domains[0]
         DomainData(path)  # raises the ShardError that says to run `clt prepare`
@@ -111,10 +110,14 @@ class BatchSource:
         tokens = np.empty((len(slots), L + 1), np.int32)
         from_buffer = slots == 2 * D
         seed, names = self.plan.seed, self.plan.domains
-        for j, (slot, k) in enumerate(zip(slots.tolist(), draws.tolist())):
-            if slot < 2 * D:  # fresh slot d and replay slot D + d are both domain d
-                d = slot % D
-                tokens[j] = self.shards[d].sequence(example_index(seed, names[d], k, self.sizes[d]), L)
+        # One batched read per domain, all started before any is awaited: on a bucket they overlap.
+        reads = []
+        for d in np.unique(slots[~from_buffer] % D).tolist():  # fresh slot d and replay slot D + d: domain d
+            rows = np.flatnonzero(~from_buffer & (slots % D == d))
+            idx = [example_index(seed, names[d], k, self.sizes[d]) for k in draws[rows].tolist()]
+            reads.append((rows, self.shards[d].read_sequences(np.array(idx, np.int64), L)))
+        for rows, pending in reads:
+            tokens[rows] = pending.result()
         if from_buffer.any():
             if self.buffer is None:
                 raise RuntimeError(f"step {step} replays from the buffer, but no buffer snapshot is set")
