@@ -151,3 +151,13 @@ def test_folder_errors(tmp_path):
     write_file(tmp_path / "e.safetensors", {"weight": np.ones(2, np.float32)})
     with pytest.raises(SafetensorsError, match=r"no tensor 'weights' in .*; close names: \['weight'\]"):
         TensorFile(tmp_path / "e.safetensors").array("weights")
+
+
+def test_bad_tensor_names_are_safetensors_errors(tmp_path):
+    one = lambda: np.ones(1, np.float32)  # noqa: E731
+    for tensors, pattern in (([("a", (1,), np.float32, one)] * 2, "tensor 'a' .* is given twice"),
+                             ([(["a"], (1,), np.float32, one)], r"tensor \['a'\] .* is not a valid tensor name"),
+                             ([("__metadata__", (1,), np.float32, one)], "is not a valid tensor name")):
+        with pytest.raises(SafetensorsError, match=pattern):
+            write_sharded(tensors, tmp_path / "m")
+    assert not (tmp_path / "m").exists()

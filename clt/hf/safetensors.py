@@ -361,7 +361,7 @@ def _checked_specs(tensors: Iterable[tuple[str, tuple[int, ...], Any, Callable[[
     seen: set[str] = set()
     for name, shape, dtype, produce in tensors:
         if not isinstance(name, str) or name == "__metadata__" or name in seen:
-            problem = "is given twice" if name in seen else "is not a valid tensor name"
+            problem = "is given twice" if isinstance(name, str) and name in seen else "is not a valid tensor name"
             raise SafetensorsError(f"tensor {name!r} for {where} {problem}; give each tensor one unique str name")
         try:
             dtype = np.dtype(dtype)
