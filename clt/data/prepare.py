@@ -82,16 +82,13 @@ class PartJob:
     """Everything a worker needs for one part; small and picklable (it travels to processes and Ray)."""
 
     number: int
+    label: str  # where the part lies in the inputs (part of the job's identity when resuming)
     documents: Callable[..., Iterable[str]]  # documents(on_bad=callback or None) -> the part's texts
     domain: str
     tokenizer: str
     eval_fraction: float
     skip_bad: bool
     out: str  # the part's location: staging/parts/NNNNNN
-
-    def describe(self) -> str:
-        part = getattr(self.documents, "args", (None,))[0]
-        return part.describe() if isinstance(part, inputs.Part) else f"part {self.number}"
 
 
 class _SplitStream:
@@ -328,15 +325,16 @@ def _job_key(jobs: Sequence[PartJob], tok: Tokenizer, sources: dict, files: Sequ
         stats[str(f)] = [st.st_size, st.st_mtime_ns]
     first = jobs[0]
     return {"format": 2, "domain": first.domain, "tokenizer": tok.fingerprint, "eval_fraction": first.eval_fraction,
-            "skip_bad": first.skip_bad, "parts": [j.describe() for j in jobs], "files": stats,
+            "skip_bad": first.skip_bad, "parts": [j.label for j in jobs], "files": stats,
             "sources": json.loads(json.dumps(sources, default=str))}
 
 
-def _write_domain(documents: Sequence[Callable[..., Iterable[str]]], *, domain: str, tokenizer: str,
+def _write_domain(parts: Sequence[tuple[str, Callable[..., Iterable[str]]]], *, domain: str, tokenizer: str,
                   out: str | os.PathLike, eval_fraction: float, progress: bool, sources: dict,
                   files: Sequence[str] = (), workers: int = 1, ray: str | None = None,
                   skip_bad: bool = False) -> dict:
-    """Tokenize the parts `documents` (each callable gives one part's texts) and write the domain at `out`."""
+    """Tokenize `parts` ((label, documents) pairs: `documents(on_bad=)` gives one part's texts) and write the
+    domain at `out`."""
     out = str(out)
     if not domain:
         raise PrepareError("the domain name is empty: give it a name such as 'prose'")
@@ -350,8 +348,10 @@ def _write_domain(documents: Sequence[Callable[..., Iterable[str]]], *, domain: 
         raise PrepareError(str(e)) from e
     _check_output(out)
     staging = _staging(out)
-    jobs = [PartJob(n, docs, domain, tokenizer, eval_fraction, skip_bad, store.join(staging, "parts", f"{n:06d}"))
-            for n, docs in enumerate(documents)]
+    jobs = [PartJob(n, label, docs, domain, tokenizer, eval_fraction, skip_bad,
+                    store.join(staging, "parts", f"{n:06d}")) for n, (label, docs) in enumerate(parts)]
+    if not jobs:
+        raise PrepareError(f"domain {domain!r} has no documents (the inputs hold no records): check the inputs")
     try:
         finished = _start_or_resume(staging, _job_key(jobs, tok, sources, files))
         records = {n: store.read_json(jobs[n].out, "part.json") for n in finished}
@@ -446,7 +446,8 @@ def prepare(kind: str, files: Sequence[str], *, domain: str, tokenizer: str = "b
         parts = inputs.plan_parts(kind, [str(f) for f in files], part_bytes=part_bytes)
     except inputs.InputError as e:
         raise PrepareError(str(e)) from e
-    readers = [functools.partial(inputs.iter_documents, part, field=field, split=split) for part in parts]
+    readers = [(part.describe(), functools.partial(inputs.iter_documents, part, field=field, split=split))
+               for part in parts]
     used = sorted({f for part in parts for f in part.files})
     sources = {"kind": kind, "inputs": [str(f) for f in files], "field": field, "split": split}
     return _write_domain(readers, domain=domain, tokenizer=tokenizer, out=out, eval_fraction=eval_fraction,
@@ -565,7 +566,7 @@ def prepare_demo(out: str = "data/demo", progress: bool = True, max_bytes: int =
     summaries = {}
     for domain, (_, description) in _DEMO_SOURCES.items():
         summaries[domain] = _write_domain(
-            [functools.partial(_demo_texts, domain, max_bytes)], domain=domain, tokenizer=tokenizer,
+            [(f"demo {domain}", functools.partial(_demo_texts, domain, max_bytes))], domain=domain, tokenizer=tokenizer,
             out=store.join(out, domain), eval_fraction=DEMO_EVAL_FRACTION, progress=progress,
             sources={"demo": description, "python": sys.version.split()[0], "max_bytes": max_bytes})
     return summaries
