@@ -88,14 +88,12 @@ S3_BUCKET = "clt-test"
 GCS_BUCKET = "clt-test"
 
 
-@pytest.fixture(scope="session")
-def s3_store() -> Iterator[ObjectStore]:
-    """moto in server mode (a subprocess, `python -m moto.server -H 127.0.0.1 -p PORT`) with bucket S3_BUCKET.
+@contextlib.contextmanager
+def moto_server(bucket: str = S3_BUCKET) -> Iterator[ObjectStore]:
+    """moto in server mode (a subprocess, `python -m moto.server -H 127.0.0.1 -p PORT`) with `bucket` created.
 
     Sets AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (any values: moto accepts all while IAM is off), AWS_REGION,
-    AWS_DEFAULT_REGION=us-east-1 and AWS_ENDPOINT_URL for the session."""
-    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
-        pytest.skip("moto[server] is not installed (pip install 'moto[server]')")
+    AWS_DEFAULT_REGION=us-east-1 and AWS_ENDPOINT_URL while it runs (benchmarks/data.py uses it too)."""
     t0 = time.perf_counter()
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -124,8 +122,8 @@ def s3_store() -> Iterator[ObjectStore]:
         }
         with _environ(env):
             # Plain path-style PUT: moto accepts unsigned requests while IAM checks are off.
-            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{S3_BUCKET}", method="PUT"), timeout=10).read()
-            yield ObjectStore("s3", endpoint, S3_BUCKET, env, time.perf_counter() - t0, set_iam)
+            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"), timeout=10).read()
+            yield ObjectStore("s3", endpoint, bucket, env, time.perf_counter() - t0, set_iam)
     finally:
         proc.terminate()
         try:
@@ -133,6 +131,15 @@ def s3_store() -> Iterator[ObjectStore]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_store() -> Iterator[ObjectStore]:
+    """A local S3 server for the session (`moto_server`); skipped without moto[server]."""
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+        pytest.skip("moto[server] is not installed (pip install 'moto[server]')")
+    with moto_server() as s3:
+        yield s3
 
 
 def _patch_gcs_emulator() -> Callable[[], None]:

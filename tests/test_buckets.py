@@ -122,3 +122,16 @@ def test_locations_map_to_tensorstore_kvstores(monkeypatch, tmp_path):
         with pytest.raises(store.StoreError, match=why):
             store.kvstore_spec(bad)
     assert store.join("gs://b/p/", "train", "index.json") == "gs://b/p/train/index.json"
+
+
+def test_a_failed_prepare_into_a_bucket_keeps_the_old_domain_and_leaves_no_parts(s3_store, tmp_path):
+    good = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(20))
+    (tmp_path / "good.jsonl").write_text(good)
+    (tmp_path / "bad.jsonl").write_text(good + "{not json\n")
+    url = s3_store.url("failed", "web")
+    prepare.prepare("jsonl", [str(tmp_path / "good.jsonl")], domain="web", out=url, progress=False)
+    before = DomainData(url).manifest_hash()
+    with pytest.raises(PrepareError, match=r"bad.jsonl line 21: not valid JSON"):
+        prepare.prepare("jsonl", [str(tmp_path / "bad.jsonl")], domain="web", out=url, progress=False)
+    assert DomainData(url).manifest_hash() == before
+    assert not [k for k in store.list_keys(url) if k.startswith(".partial")]

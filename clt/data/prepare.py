@@ -352,6 +352,7 @@ def _write_domain(parts: Sequence[tuple[str, Callable[..., Iterable[str]]]], *, 
                     store.join(staging, "parts", f"{n:06d}")) for n, (label, docs) in enumerate(parts)]
     if not jobs:
         raise PrepareError(f"domain {domain!r} has no documents (the inputs hold no records): check the inputs")
+    assembling = False
     try:
         finished = _start_or_resume(staging, _job_key(jobs, tok, sources, files))
         records = {n: store.read_json(jobs[n].out, "part.json") for n in finished}
@@ -378,6 +379,7 @@ def _write_domain(parts: Sequence[tuple[str, Callable[..., Iterable[str]]]], *, 
                                "least 2: add inputs (or use --split paragraph)")
         final = out if store.is_remote(out) else store.join(staging, "domain")
         if store.is_remote(out):  # from here on the old domain must not look complete
+            assembling = True
             for key in ("prepare.json", f"train/{INDEX}", f"eval/{INDEX}"):
                 store.delete_keys(out, key)
         counts = _assemble(final, staging, ordered, tok)
@@ -393,21 +395,23 @@ def _write_domain(parts: Sequence[tuple[str, Callable[..., Iterable[str]]]], *, 
             swap_directory(pathlib.Path(final), pathlib.Path(out))
             shutil.rmtree(staging, ignore_errors=True)
     except Exception as e:  # bad input or storage: nothing partial stays (an interrupt keeps parts to resume)
-        _discard(staging)
+        _discard(staging, *([store.join(out, split) for split in SPLITS] if assembling else []))
         if isinstance(e, (ShardError, TokenizerError, store.StoreError, inputs.InputError)):
             raise PrepareError(f"domain {domain!r}: {e}") from e
         raise
     return dict(summary, out=out)
 
 
-def _discard(staging: str) -> None:
-    try:
-        if store.is_remote(staging):
-            store.delete_keys(staging)
-        else:
-            shutil.rmtree(staging, ignore_errors=True)
-    except store.StoreError:
-        pass  # the original error says more than a failed cleanup of an unreachable bucket
+def _discard(*locations: str) -> None:
+    """Delete what a failed prepare wrote (its staging, and a bucket domain's half-assembled splits)."""
+    for url in locations:
+        try:
+            if store.is_remote(url):
+                store.delete_keys(url)
+            else:
+                shutil.rmtree(url, ignore_errors=True)
+        except store.StoreError:
+            pass  # the original error says more than a failed cleanup of an unreachable bucket
 
 
 def summary_rows(summaries: Iterable[dict]) -> list[dict]:
