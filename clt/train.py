@@ -112,7 +112,8 @@ def check_source_tokenizer(cfg: Config, data: dict, wd: pathlib.Path) -> dict:
     fresh = cfg.model.init_from and not has_checkpoints(wd)
     source = checkpoint.source_tokenizer(cfg.model.init_from, cfg.checkpoint) if fresh else None
     if source and source.get("fingerprint") and mine["fingerprint"] and source["fingerprint"] != mine["fingerprint"]:
-        raise ConfigError("data.domains", some.tokenizer, f"the data was prepared with tokenizer {mine['name']} "
+        name, domain = next(iter(data.items()))
+        raise ConfigError(f"data.domains.{name}", domain.path, f"the data was prepared with tokenizer {mine['name']} "
                           f"({mine['fingerprint']}), the model {cfg.model.init_from} uses {source['name']} "
                           f"({source['fingerprint']})", f"prepare the data with --tokenizer {source['name']}")
     return mine

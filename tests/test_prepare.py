@@ -316,3 +316,23 @@ def test_a_ray_cluster_writes_the_same_bytes_as_one_process(tmp_path):
         result = subprocess.run(base + [str(tmp_path / out), *extra], env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
     assert _tree(tmp_path / "ray") == _tree(tmp_path / "one")
+
+
+def test_domains_of_different_tokenizers_are_refused_naming_the_store(tmp_path, demo_data):
+    """Same ids, another tokenizer file: the fingerprints differ, and the error names the domain and its path."""
+    pytest.importorskip("tokenizers")
+    from clt import config
+    from clt.config import ConfigError
+    from clt.data.pipeline import load_domains
+    from clt.data.tokenizer import write_hf_tokenizer
+    from conftest import SMOKE
+
+    (tmp_path / "tok").mkdir()
+    write_hf_tokenizer("byte", tmp_path / "tok")
+    _jsonl(tmp_path / "c.jsonl")
+    _run("jsonl", [tmp_path / "c.jsonl"], tmp_path / "web", tokenizer=str(tmp_path / "tok"))
+    domains = {"prose": str(demo_data / "prose"), "code": str(tmp_path / "web")}
+    cfg = config.load(str(SMOKE), [f"data.domains={domains!r}"])
+    with pytest.raises(ConfigError, match=r"^data.domains.code = '.*web': prepared with tokenizer .*tok \(\w+\), but "
+                                          r"data.domains.prose with byte \(byte\); prepare every domain"):
+        load_domains(cfg)

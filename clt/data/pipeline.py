@@ -54,10 +54,14 @@ def load_domains(cfg: Config) -> dict[str, DomainData]:
         name, path = cfg.data.domains[0]
         DomainData(path)  # raises the ShardError that says to run `clt prepare`
     check_sequences_fit(data, cfg.data.seq_len)
-    tokenizers = {d.tokenizer for d in data.values()}
-    if len(tokenizers) > 1:
-        raise ConfigError("data.domains", dict(cfg.data.domains), f"domains use different tokenizers {tokenizers}",
-                          "prepare every domain with the same --tokenizer")
+    # The fingerprint, not the name, says which ids a store holds (the same path may hold another tokenizer).
+    first, *others = data.items()
+    for name, domain in others:
+        if (domain.tokenizer, domain.tokenizer_fingerprint) != (first[1].tokenizer, first[1].tokenizer_fingerprint):
+            raise ConfigError(f"data.domains.{name}", domain.path,
+                              f"prepared with tokenizer {domain.tokenizer} ({domain.tokenizer_fingerprint}), but "
+                              f"data.domains.{first[0]} with {first[1].tokenizer} ({first[1].tokenizer_fingerprint})",
+                              "prepare every domain with the same --tokenizer")
     return data
 
 
