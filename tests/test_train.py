@@ -110,8 +110,9 @@ def test_data_order_is_pinned(demo_data):
     for row, slot, k in zip(tokens, slots, ks):
         name = pl.domains[slot % len(pl.domains)]  # fresh slot d and replay slot D + d are both domain d
         shard = DomainData(demo_data / name).train
-        n = shard.num_sequences(cfg.data.seq_len)
-        np.testing.assert_array_equal(row, shard.sequence(example_index(cfg.seed, name, k, n), cfg.data.seq_len))
+        L, n = cfg.data.seq_len, shard.num_sequences(cfg.data.seq_len)
+        i = example_index(cfg.seed, name, k, n)
+        np.testing.assert_array_equal(row, shard.read_tokens(i * L, i * L + L + 1))  # a plain slice of the stream
 
 
 def test_host_slices_partition_the_global_batch(demo_data):

@@ -341,14 +341,6 @@ class Shard:
             return self._stream[start:stop]
         return self._array["tokens"][start:stop].read().result()
 
-    def sequence(self, i: int, seq_len: int) -> np.ndarray:
-        """Sequence i: seq_len + 1 tokens."""
-        start = i * seq_len
-        if i < 0 or start + seq_len + 1 > self.num_tokens:
-            raise IndexError(f"sequence index {i} out of range [0, {self.num_sequences(seq_len)}) for seq_len "
-                             f"{seq_len} in {self.url}")
-        return self.read_tokens(start, start + seq_len + 1)
-
     def read_sequences(self, indices: np.ndarray | Sequence[int], seq_len: int) -> "_Ready | Any":
         """Start reading sequences `indices` (a 1-D array): `.result()` gives int32 [len(indices), seq_len + 1].
 
