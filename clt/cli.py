@@ -26,8 +26,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from clt.data.tokenizer import TokenizerError
     from clt.hf.arch import HFError
     from clt.hf.safetensors import SafetensorsError
+    from clt.launch import LaunchError
     from clt.resume import WorkdirBusy
-    errors += [PrepareError, ShardError, StoreError, InputError, WorkdirBusy, HFError, SafetensorsError, TokenizerError]
+    errors += [PrepareError, ShardError, StoreError, InputError, LaunchError, WorkdirBusy, HFError, SafetensorsError, TokenizerError]
     return tuple(errors)
 
 
@@ -281,6 +282,22 @@ def cmd_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _me() -> str:
+    """'clt', or 'clt (process I/N)' in a job of several processes: every error names the process it came from."""
+    from clt.launch import process_label
+
+    label = process_label()
+    return f"clt ({label})" if label else "clt"
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from clt import config, launch
+
+    config.load(args.config, args.overrides)  # a bad config is one line here, not once per process
+    check_workdir(args.workdir)
+    return launch.launch_local(args.config, args.workdir, args.overrides, args.processes, quiet=args.quiet)
+
+
 def check_workdir(path: str) -> None:
     """A --workdir that can hold a run: a folder (or creatable as one) that this process may write to."""
     wd = pathlib.Path(path)
@@ -313,9 +330,10 @@ def check_init_source(spec: str, path: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from clt import config
+    from clt import config, launch
     from clt.metrics import TensorBoardSink
 
+    launch.initialize()  # joins the job's other processes, if any: before any other JAX call
     _setup_logging()
     _quiet_orbax_leftovers()
     cfg = config.load(args.config, args.overrides)
@@ -335,16 +353,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train.train(cfg, args.workdir, init_from=args.init_from,
                              accept_changed_past=args.accept_changed_past, progress=not args.quiet)
     except train.StopRun as e:
-        print(f"clt: run stopped: {e} (checkpoints in {args.workdir}/checkpoints)", file=sys.stderr)
+        print(f"{_me()}: run stopped: {e} (checkpoints in {args.workdir}/checkpoints)", file=sys.stderr)
         return 1
     except NoUsableCheckpoint as e:
-        print(f"clt: error: {e}", file=sys.stderr)
+        print(f"{_me()}: error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - storage faults are one line; anything else keeps its traceback
         problem = storage_problem(e)
         if problem is None:
             raise
-        print(f"clt: error: {problem}; nothing partial was kept: fix the storage and rerun the same command to "
+        print(f"{_me()}: error: {problem}; nothing partial was kept: fix the storage and rerun the same command to "
               f"resume from the last checkpoint", file=sys.stderr)
         return 1
     if result.get("already_finished"):
@@ -374,6 +392,10 @@ def _setup_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    from clt.launch import process_label
+
+    if process_label() and not process_label().startswith("process 0/"):  # a job's log is process 0's
+        logger.setLevel(logging.WARNING)
 
 
 def _quiet_libraries() -> None:
@@ -562,6 +584,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("launch", help="run `clt train` as a job of several processes joined by jax.distributed")
+    p.add_argument("where", choices=["local"], help="local: N processes on this machine (127.0.0.1)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for `clt train`")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--processes", type=int, required=True,
+                   help="processes; the CPU devices of XLA_FLAGS (or 1 each) are split evenly between them")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_launch)
+
     p = sub.add_parser("report", help="write a run's report (report.md, stability.json, plots); prints its path")
     p.add_argument("workdir")
     p.add_argument("--out", help="folder for the report (default: WORKDIR/report)")
@@ -620,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
-        print(f"clt: error: {e}", file=sys.stderr)
+        print(f"{_me()}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader left (`clt plan show --csv | head`): stop quietly, like any Unix tool
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit

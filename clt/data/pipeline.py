@@ -129,9 +129,10 @@ class BatchSource:
         return {"tokens": tokens, "slots": slots.astype(np.int32)}
 
     def row_counts(self, steps: range) -> dict[str, int]:
-        """`rows/<domain>` (fresh) and `rows/replay/<domain>` (replayed) counts of this host's rows over `steps`
-        (recomputed from the mixture, so a resumed run logs exactly what an uninterrupted one does)."""
-        slots = np.concatenate([self.host_rows(s)[0] for s in steps])
+        """`rows/<domain>` (fresh) and `rows/replay/<domain>` (replayed) counts of the whole batch's rows over
+        `steps`, every host's (recomputed from the mixture, so a resumed run logs exactly what an uninterrupted
+        one does, and a run of several processes what one process does)."""
+        slots = np.concatenate([self.mixture.rows_at(s)[0] for s in steps])
         counts = np.bincount(slots, minlength=len(self.names))
         return {f"rows/{n}": int(c) for n, c in zip(self.names, counts) if c or not n.startswith("replay/")}
 

@@ -1,0 +1,93 @@
+"""`clt launch local`: a job of several processes joined by jax.distributed on this machine trains what one
+process trains, its checkpoints resume with another process count, and bad launch input is one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SMOKE, smoke_overrides
+
+from clt import launch
+
+TIMING = {"tokens_per_s", "mfu"}
+
+
+def _rows(wd):
+    return [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(expected, got, rel=1e-5):
+    """Same rows with the same keys; counts equal, floats within `rel` (the reductions run in another order)."""
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for a, b in zip(expected, got):
+        assert a.keys() == b.keys(), (a["step"], a.keys() ^ b.keys())
+        for k in a.keys() - TIMING:
+            if isinstance(a[k], float):
+                assert b[k] == pytest.approx(a[k], rel=rel), (a["step"], k)
+            else:
+                assert b[k] == a[k], (a["step"], k)
+
+
+def _clt(*args, **env):
+    return subprocess.run([sys.executable, "-m", "clt.cli", *args], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), **env))
+
+
+def test_two_processes_train_what_one_process_trains(smoke_run, demo_data, tmp_path):
+    """2 processes x 4 CPU devices against the shared smoke run (1 process x 8 devices): the same losses, row
+    counts of the whole batch (not process 0's half), evals and checkpoints; one log, process 0's."""
+    _, one_wd, _ = smoke_run
+    wd = tmp_path / "two"
+    result = _clt("launch", "local", str(SMOKE), "--processes", "2", "--workdir", str(wd), "--quiet",
+                  *smoke_overrides(demo_data))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_metrics(_rows(one_wd), _rows(wd))
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == sorted(
+        p.name for p in (one_wd / "checkpoints").iterdir())
+    children = json.loads((wd / "launch" / "launch.json").read_text())["children"]
+    assert [c["env"]["CLT_PROCESS_ID"] for c in children] == ["0", "1"]
+    assert all("device_count=4" in c["env"]["XLA_FLAGS"] for c in children)
+    assert " INFO " not in (wd / "launch" / "process-1.log").read_text()  # the job's log is process 0's
+    assert "finished: 28 steps" in result.stderr
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(smoke_run, demo_data, tmp_path):
+    _, one_wd, _ = smoke_run
+    wd = tmp_path / "run"
+    stopped = _clt("launch", "local", str(SMOKE), "--processes", "2", "--workdir", str(wd), "--quiet",
+                   *smoke_overrides(demo_data, "debug.preempt_at_step=13"))
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "preempted at step 14" in stopped.stdout  # after step 13, both processes agreeing
+    resumed = _clt("train", str(SMOKE), "--workdir", str(wd), "--quiet", *smoke_overrides(demo_data))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_metrics(_rows(one_wd), _rows(wd))
+
+
+def test_bad_launch_input_is_one_line(tmp_path):
+    for args, env, fragment in (
+            (["--processes", "3"], {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+             "the 8 CPU devices of XLA_FLAGS do not split evenly over 3 processes"),
+            (["--processes", "0"], {}, "--processes = 0: give a positive number"),
+            (["--processes", "2", "batch_size=-1"], {}, "batch_size = -1: must be positive")):
+        result = _clt("launch", "local", str(SMOKE), "--workdir", str(tmp_path / "w"), *args, **env)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
+    broken = _clt("train", str(SMOKE), "--workdir", str(tmp_path / "w"), CLT_COORDINATOR="127.0.0.1:1",
+                  CLT_NUM_PROCESSES="two", CLT_PROCESS_ID="0")
+    assert broken.returncode == 2 and broken.stderr.strip().splitlines() == [
+        "clt: error: CLT_COORDINATOR is set, so CLT_NUM_PROCESSES and CLT_PROCESS_ID must be integers (got 'two', "
+        "'0'): set both, or unset CLT_COORDINATOR to train in one process"]
+
+
+def test_errors_name_the_process_they_come_from(monkeypatch):
+    from clt import cli
+
+    assert cli._me() == "clt"
+    monkeypatch.setenv("CLT_COORDINATOR", "10.0.0.1:1234")
+    monkeypatch.setenv("CLT_NUM_PROCESSES", "4")
+    monkeypatch.setenv("CLT_PROCESS_ID", "3")
+    assert launch.job_from_env() == ("10.0.0.1:1234", 4, 3)
+    assert cli._me() == "clt (process 3/4)"
