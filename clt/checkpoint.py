@@ -291,10 +291,17 @@ class CheckpointStore:
         for step in reversed(steps):
             try:
                 state, meta = self.restore_verified(step, abstract, shardings, check_meta)
-                return step, state, meta
+                damage = None
             except CheckpointDamaged as e:
-                dest = self.quarantine(step, e.reason)
-                log.warning("checkpoint %d is damaged (%s); moved to %s, trying the previous one", step, e, dest)
+                damage = e
+            # Damage one host sees is every host's: all fall back to the same step (else they would resume
+            # from different ones, and the next collective would hang).
+            if not hosts_any(damage is not None):
+                return step, state, meta
+            reason = damage.reason if damage is not None else "damaged-on-another-host"
+            dest = self.quarantine(step, reason)
+            log.warning("checkpoint %d is damaged (%s); moved to %s, trying the previous one", step,
+                        damage or "seen by another process", dest)
         raise NoUsableCheckpoint(f"no usable checkpoint in {self.directory}: every one was damaged and moved to "
                                  f"{self.directory / QUARANTINE} ({', '.join(self.quarantined())}); inspect them, "
                                  f"or start over in a new --workdir")
@@ -456,6 +463,15 @@ def meta_json(meta: dict) -> str:
     return json.dumps(shown, indent=1, default=str)
 
 
+def hosts_any(flag: bool) -> bool:
+    """Whether `flag` holds on any process: one decision for all, where each host's own view (its clock, its
+    signal, its read of a file) could differ. Every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.array(bool(flag))).any())
+
+
 class Preemption:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 0 (preemption-safe).
 
@@ -481,10 +497,7 @@ class Preemption:
         host contributes its flag, so all stop after the same step."""
         if jax.process_count() == 1:
             return self.requested
-        if not at_boundary:
-            return False
-        from jax.experimental import multihost_utils
-        return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+        return at_boundary and hosts_any(self.requested)
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():

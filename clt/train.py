@@ -53,8 +53,14 @@ class Cadence:
     since: float = field(default_factory=time.monotonic)
 
     def due(self, step: int) -> bool:
-        if step in self.at or (self.every > 0 and step % self.every == 0):
-            return True
+        return self.scheduled(step) or self.time_up()
+
+    def scheduled(self, step: int) -> bool:
+        """Due by step number alone: the same answer on every host."""
+        return step in self.at or (self.every > 0 and step % self.every == 0)
+
+    def time_up(self) -> bool:
+        """Due by this process's clock (hosts' clocks differ: see `Run.save_due`)."""
         return self.minutes > 0 and (time.monotonic() - self.since) / 60 >= self.minutes
 
     def mark(self) -> None:
@@ -408,7 +414,7 @@ class Run:
                         self.save(done, "phase_end", p.name)
                         if stop_reason:
                             raise StopRun(stop_reason)
-                    elif self.save_cadence.due(done):
+                    elif self.save_due(done, log_now):
                         self.save(done, "branch_point" if done in self.branch_points else "interval", p.name)
 
                     # -------------------------------------------------------------------------------- Preemption
@@ -426,6 +432,19 @@ class Run:
             except StopRun as e:  # alerts with on_alert=stop, repeated skips, a non-finite state
                 stop_reason = str(e)
         return self.finish(stop_reason, last_row, pbar)
+
+    def save_due(self, done: int, log_now: bool) -> bool:
+        """Whether to save after step `done`. Steps due by number are the same on every host; the clock of
+        `checkpoint.every_minutes` is each host's own, so with several processes it is read at log boundaries
+        only and one host's "time is up" is everyone's (a save is collective: one host alone would hang it)."""
+        cadence = self.save_cadence
+        if cadence.scheduled(done):
+            return True
+        if cadence.minutes <= 0:
+            return False
+        if jax.process_count() == 1:
+            return cadence.time_up()
+        return log_now and checkpoint.hosts_any(cadence.time_up())
 
     def progress_bar(self, progress: bool) -> tuple[Any, contextlib.AbstractContextManager]:
         """A bar on a terminal (log lines printed above it); plain lines in logs (SLURM, tee)."""

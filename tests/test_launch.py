@@ -91,3 +91,33 @@ def test_errors_name_the_process_they_come_from(monkeypatch):
     monkeypatch.setenv("CLT_PROCESS_ID", "3")
     assert launch.job_from_env() == ("10.0.0.1:1234", 4, 3)
     assert cli._me() == "clt (process 3/4)"
+
+
+def test_a_damaged_checkpoint_sends_every_process_back_to_the_same_step(smoke_run, demo_data, tmp_path):
+    """The newest checkpoint of a 2-process run is damaged: both processes agree to quarantine it and resume
+    from the one before, and the run ends as the uninterrupted one did."""
+    _, one_wd, _ = smoke_run
+    wd = tmp_path / "run"
+    stopped = _clt("launch", "local", str(SMOKE), "--processes", "2", "--workdir", str(wd), "--quiet",
+                   *smoke_overrides(demo_data, "debug.preempt_at_step=13"))
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    (wd / "checkpoints" / "14" / "meta" / "metadata").write_bytes(b"\x00not json{" * 20)
+    resumed = _clt("launch", "local", str(SMOKE), "--processes", "2", "--workdir", str(wd), "--quiet",
+                   *smoke_overrides(demo_data))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [p.name for p in (wd / "checkpoints" / "quarantine").iterdir()] == ["14-meta"]
+    events = [json.loads(line) for line in (wd / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [12]
+    assert_same_metrics(_rows(one_wd), _rows(wd))
+
+
+def test_time_based_saves_are_decided_once_for_all_processes(demo_data, tmp_path):
+    """With several processes the clock of checkpoint.every_minutes is read at log boundaries only and agreed
+    (a save is collective): the run ends, and its interval saves sit on log steps."""
+    wd = tmp_path / "run"
+    result = _clt("launch", "local", str(SMOKE), "--processes", "2", "--workdir", str(wd), "--quiet",
+                  *smoke_overrides(demo_data, "checkpoint.every=0", "checkpoint.every_minutes=0.0001"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = [json.loads(line) for line in (wd / "events.jsonl").read_text().splitlines()]
+    saves = [e["step"] for e in events if e["event"] == "checkpoint" and e["kind"] == "interval"]
+    assert saves and all(s % 2 == 0 for s in saves), saves  # configs/smoke.py logs every 2 steps
