@@ -3,8 +3,11 @@ process trains, its checkpoints resume with another process count, and bad launc
 
 import json
 import os
+import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT, SMOKE, smoke_overrides
@@ -121,3 +124,54 @@ def test_time_based_saves_are_decided_once_for_all_processes(demo_data, tmp_path
     events = [json.loads(line) for line in (wd / "events.jsonl").read_text().splitlines()]
     saves = [e["step"] for e in events if e["event"] == "checkpoint" and e["kind"] == "interval"]
     assert saves and all(s % 2 == 0 for s in saves), saves  # configs/smoke.py logs every 2 steps
+
+
+def test_a_one_process_checkpoint_resumes_in_two_processes(smoke_run, demo_data, tmp_path):
+    _, one_wd, _ = smoke_run
+    wd = tmp_path / "run"
+    stopped = _clt("train", str(SMOKE), "--workdir", str(wd), "--quiet",
+                   *smoke_overrides(demo_data, "debug.preempt_at_step=13"))
+    assert stopped.returncode == 0 and "preempted at step 13" in stopped.stdout, stopped.stderr[-3000:]
+    resumed = _clt("launch", "local", str(SMOKE), "--processes", "2", "--workdir", str(wd), "--quiet",
+                   *smoke_overrides(demo_data))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_metrics(_rows(one_wd), _rows(wd))
+
+
+def _child(workdir, index: int) -> int:
+    """The pid of the `clt train` process `index` of the job on `workdir` (from /proc: its argv and env)."""
+    for proc in pathlib.Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(workdir).encode() in argv and b"train" in argv and f"CLT_PROCESS_ID={index}".encode() in env:
+            return int(proc.name)
+    raise AssertionError(f"no process {index} on {workdir}")
+
+
+def test_sigterm_to_one_process_stops_the_job_after_one_save(smoke_run, demo_data, tmp_path):
+    """A preemption notice reaching only process 1 (as on a cluster where one host is reclaimed): all stop after
+    the same step with one checkpoint, and one process resumes the run to the uninterrupted run's metrics."""
+    _, one_wd, _ = smoke_run
+    wd = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "clt.cli", "launch", "local", str(SMOKE), "--processes", "2",
+                            "--workdir", str(wd), "--quiet", *smoke_overrides(demo_data)],
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    metrics = wd / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().strip()) and job.poll() is None:
+        time.sleep(0.01)
+    os.kill(_child(wd, 1), signal.SIGTERM)
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err[-3000:]
+    events = [json.loads(line) for line in (wd / "events.jsonl").read_text().splitlines()]
+    preempted = [e["step"] for e in events if e["event"] == "preempted"]
+    saves = [e["step"] for e in events if e["event"] == "checkpoint" and e["kind"] == "preemption"]
+    assert len(preempted) == 1 and saves in ([], preempted) and preempted[0] < 28, (preempted, saves)
+    assert f"preempted at step {preempted[0]}" in out
+    assert (wd / "checkpoints" / str(preempted[0])).is_dir()  # saved (as a preemption or an interval save)
+    resumed = _clt("train", str(SMOKE), "--workdir", str(wd), "--quiet", *smoke_overrides(demo_data))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_metrics(_rows(one_wd), _rows(wd))
