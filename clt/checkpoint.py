@@ -463,6 +463,13 @@ def meta_json(meta: dict) -> str:
     return json.dumps(shown, indent=1, default=str)
 
 
+def _preemption_service() -> bool:
+    """Whether JAX's preemption sync manager runs (jax.distributed started it; it owns SIGTERM then)."""
+    from jax._src import distributed
+
+    return distributed.global_state.preemption_sync_manager is not None
+
+
 def hosts_any(flag: bool) -> bool:
     """Whether `flag` holds on any process: one decision for all, where each host's own view (its clock, its
     signal, its read of a file) could differ. Every process must call it at the same point."""
@@ -475,15 +482,20 @@ def hosts_any(flag: bool) -> bool:
 class Preemption:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 0 (preemption-safe).
 
-    In a single process Orbax's `reached_preemption_sync_point` is always False, so clt keeps its own flag;
-    several processes agree on it at log boundaries (`agreed`)."""
+    One process keeps its own flag (JAX's `reached_preemption_sync_point` needs jax.distributed). Several
+    processes leave SIGTERM to JAX's preemption service, which `jax.distributed.initialize` starts: a notice
+    reaching any host makes every host stop after the same step, the next one after the furthest host's
+    (`agreed` asks it every step, so a short grace period is met). Ctrl-C is still clt's, agreed at log
+    boundaries."""
 
     def __init__(self):
         self.requested = False
         self._old: dict = {}
+        self._service = jax.process_count() > 1 and _preemption_service()
 
     def __enter__(self) -> "Preemption":
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGINT,) if self._service else (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -492,11 +504,16 @@ class Preemption:
             raise KeyboardInterrupt
         self.requested = True
 
-    def agreed(self, at_boundary: bool) -> bool:
-        """Whether to stop now. One process: as soon as asked. Several: only at log boundaries, where every
-        host contributes its flag, so all stop after the same step."""
+    def agreed(self, step: int, at_boundary: bool) -> bool:
+        """Whether to stop after `step` (every process calls it after every step). One process: as soon as
+        asked. Several: when JAX's preemption sync point is reached, or at a log boundary when any host was
+        asked (Ctrl-C; SIGTERM too where the preemption service is off)."""
         if jax.process_count() == 1:
             return self.requested
+        if self._service:
+            from jax.experimental import multihost_utils
+            if multihost_utils.reached_preemption_sync_point(step):
+                return True
         return at_boundary and hosts_any(self.requested)
 
     def __exit__(self, *exc) -> None:

@@ -420,7 +420,7 @@ class Run:
                     # -------------------------------------------------------------------------------- Preemption
                     if debug.preempt_at_step == done:
                         os.kill(os.getpid(), signal.SIGTERM)
-                    if preempt.agreed(at_boundary=log_now):
+                    if preempt.agreed(done, at_boundary=log_now):
                         if not self.store.has(done):
                             self.save(done, "preemption", p.name)
                         self.store.wait()
