@@ -119,15 +119,13 @@ def _quiet_orbax_leftovers() -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     """The resolved plan, after every check that needs no data: model shape, schedules, and with `--devices N`
     the mesh and batch sizes on a machine of N devices (without it, what needs no device count)."""
-    from clt import config, plan, plan_view, sharding, step
+    from clt import config, plan_view, sharding
 
     cfg = config.load(args.config, args.overrides)
-    resolved = plan.resolve(cfg)
     if args.devices is not None and args.devices < 1:
         raise ConfigError("--devices", args.devices, "a machine has at least one device",
                           "give the target machine's device count, e.g. --devices 8")
-    dims = step.resolve_dims(cfg.model, 128)  # 128: a placeholder vocabulary; the data's is not read here
-    sharding.check_layout(cfg, resolved, args.devices, dims, vocab_known=bool(cfg.model.vocab_size))
+    resolved = sharding.checked_plan(cfg, args.devices)
     if args.csv:
         print(plan_view.plan_csv(resolved))
         return 0
@@ -290,9 +288,37 @@ def _me() -> str:
     return f"clt ({label})" if label else "clt"
 
 
+# The options of each `clt launch` target; any other one given is refused (one line), so nothing is ignored.
+_LAUNCH_OPTIONS = {"local": {"processes"},
+                   "slurm": {"nodes", "gpus_per_node", "partition", "time", "account", "name", "dry_run"},
+                   "gke": {"nodes", "accelerator", "image", "name", "dry_run"}}
+_LAUNCH_REQUIRED = {"local": ("processes",), "slurm": ("nodes", "gpus_per_node"), "gke": ("accelerator", "image")}
+
+
+def _check_launch_options(args: argparse.Namespace) -> None:
+    from clt.launch import LaunchError
+
+    flag = lambda dest: "--" + dest.replace("_", "-")  # noqa: E731
+    for dest in sorted(set().union(*_LAUNCH_OPTIONS.values()) - _LAUNCH_OPTIONS[args.where]):
+        if getattr(args, dest) not in (None, False):
+            users = [w for w, opts in _LAUNCH_OPTIONS.items() if dest in opts]
+            raise LaunchError(f"{flag(dest)} is for `clt launch {' / '.join(users)}`, not {args.where}")
+    for dest in _LAUNCH_REQUIRED[args.where]:
+        if getattr(args, dest) is None:
+            raise LaunchError(f"clt launch {args.where} needs {flag(dest)}")
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from clt import config, launch
 
+    _check_launch_options(args)
+    if args.where != "local":
+        if args.where == "slurm" and "://" not in args.workdir:
+            check_workdir(args.workdir)
+        return launch.launch_job(args.where, args.config, args.workdir, args.overrides, nodes=args.nodes,
+                                 gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
+                                 account=args.account, accelerator=args.accelerator, image=args.image,
+                                 name=args.name, dry_run=args.dry_run)
     config.load(args.config, args.overrides)  # a bad config is one line here, not once per process
     check_workdir(args.workdir)
     return launch.launch_local(args.config, args.workdir, args.overrides, args.processes, quiet=args.quiet)
@@ -523,6 +549,8 @@ class _Version(argparse.Action):
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser (verbs listed in its help) and each verb's own parser, by verb."""
+    from clt.launch import ACCELERATORS  # standard library only: the parser stays quick to build
+
     ap = argparse.ArgumentParser(prog="clt", description="Continual pre-training orchestrator.")
     ap.add_argument("--version", action=_Version)
     sub = ap.add_subparsers(dest="verb", metavar="VERB")
@@ -584,13 +612,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("launch", help="run `clt train` as a job of several processes joined by jax.distributed")
-    p.add_argument("where", choices=["local"], help="local: N processes on this machine (127.0.0.1)")
+    p = sub.add_parser("launch", help="run `clt train` as a job of several processes joined by jax.distributed: "
+                       "on this machine, or as a SLURM job or a GKE JobSet")
+    p.add_argument("where", choices=["local", "slurm", "gke"],
+                   help="local: N processes on this machine (127.0.0.1); slurm: an sbatch job, one process per "
+                        "node; gke: a JobSet, one pod per node")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for `clt train`")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--processes", type=int, required=True,
-                   help="processes; the CPU devices of XLA_FLAGS (or 1 each) are split evenly between them")
+    p.add_argument("--workdir", required=True,
+                   help="slurm: a folder on the shared file system; gke: gs://BUCKET/PATH (mounted in every pod)")
+    p.add_argument("--processes", type=int,
+                   help="local: processes; the CPU devices of XLA_FLAGS (or 1 each) are split evenly between them")
+    p.add_argument("--nodes", type=int, help="slurm, gke: nodes, one process each (a TPU slice fixes it)")
+    p.add_argument("--gpus-per-node", type=int, help="slurm: GPUs per node (JAX devices per process)")
+    p.add_argument("--partition", help="slurm: the partition (#SBATCH --partition)")
+    p.add_argument("--time", help="slurm: the time limit, e.g. 24:00:00 (the job requeues itself when it is near)")
+    p.add_argument("--account", help="slurm: the account to charge")
+    p.add_argument("--accelerator", help="gke: the node type: " + ", ".join(ACCELERATORS))
+    p.add_argument("--image", help="gke: a container image with clt installed")
+    p.add_argument("--name", help="slurm, gke: the job's name (default: clt-<workdir's last folder>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="slurm, gke: write the job file and its records into WORKDIR/launch/ and print it; "
+                        "submit nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_launch)
 

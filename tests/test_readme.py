@@ -38,6 +38,11 @@ SKIP = {
     "pip install clt[data]": "installs packages; the test extra already has them",
     "huggingface-cli download HuggingFaceTB/SmolLM2-135M --local-dir models/SmolLM2-135M":
         "needs the network; the clone's models/SmolLM2-135M is a tiny random Llama with a byte-level tokenizer",
+    "clt launch slurm configs/demo.py --workdir runs/demo-slurm --nodes 2 --gpus-per-node 8 --partition gpu "
+    "--time 24:00:00": "submits to a SLURM cluster; the same command with --dry-run runs here",
+    "clt launch gke configs/demo.py batch_size=64 data.eval_batch=32 --workdir gs://my-bucket/clt/runs/demo "
+    "--accelerator tpu-v5p-64 --image us-docker.pkg.dev/my-project/clt/clt:1":
+        "submits to a GKE cluster; the same command with --dry-run runs here",
 }
 
 SMOKE_SIZE = ("model.preset=tiny data.seq_len=32 data.block_rows=64 data.eval_sequences=8 data.eval_batch=8 "
@@ -53,6 +58,11 @@ ADAPT = {  # README command -> (what runs instead, with {cmd} the command as wri
         "{cmd} " + SMOKE_SIZE, "the clone's SmolLM2-135M is tiny: the plan shrunk to 6 steps of 32 tokens"),
     "clt prepare jsonl --domain web --workers 8 --out gs://my-bucket/clt/web dumps/*.jsonl.zst": (
         f"clt prepare jsonl --domain web --workers 8 --out gs://{GCS_BUCKET}/clt/web 'dumps/*.jsonl.zst'",
+        "the bucket of the GCS emulator the test runs"),
+    "clt launch gke configs/demo.py batch_size=64 data.eval_batch=32 --workdir gs://my-bucket/clt/runs/demo "
+    "--accelerator tpu-v5p-64 --image us-docker.pkg.dev/my-project/clt/clt:1 --dry-run": (
+        f"clt launch gke configs/demo.py batch_size=64 data.eval_batch=32 --workdir gs://{GCS_BUCKET}/clt/runs/demo "
+        "--accelerator tpu-v5p-64 --image us-docker.pkg.dev/my-project/clt/clt:1 --dry-run",
         "the bucket of the GCS emulator the test runs"),
     ".venv/bin/pytest tests/test_plan_mixture.py -q": (
         "{cmd} --collect-only", "the suite runs that file itself; collecting it checks the path"),
