@@ -290,7 +290,8 @@ def _me() -> str:
 
 # The options of each `clt launch` target; any other one given is refused (one line), so nothing is ignored.
 _LAUNCH_OPTIONS = {"local": {"processes"},
-                   "slurm": {"nodes", "gpus_per_node", "partition", "time", "account", "name", "dry_run"},
+                   "slurm": {"nodes", "gpus_per_node", "tasks_per_node", "partition", "time", "account", "name",
+                             "dry_run"},
                    "gke": {"nodes", "accelerator", "image", "name", "dry_run"}}
 _LAUNCH_REQUIRED = {"local": ("processes",), "slurm": ("nodes", "gpus_per_node"), "gke": ("accelerator", "image")}
 
@@ -318,7 +319,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return launch.launch_job(args.where, args.config, args.workdir, args.overrides, nodes=args.nodes,
                                  gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
                                  account=args.account, accelerator=args.accelerator, image=args.image,
-                                 name=args.name, dry_run=args.dry_run)
+                                 name=args.name, dry_run=args.dry_run, tasks_per_node=args.tasks_per_node or 1)
     config.load(args.config, args.overrides)  # a bad config is one line here, not once per process
     check_workdir(args.workdir)
     return launch.launch_local(args.config, args.workdir, args.overrides, args.processes, quiet=args.quiet)
@@ -391,6 +392,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{_me()}: error: {problem}; nothing partial was kept: fix the storage and rerun the same command to "
               f"resume from the last checkpoint", file=sys.stderr)
         return 1
+    if _me() != "clt" and not _me().startswith("clt (process 0/"):
+        return 0  # one summary for a job: process 0's
     if result.get("already_finished"):
         print(f"already finished at step {result['final_step']}: nothing to do ({args.workdir})")
         return 0
@@ -624,7 +627,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--processes", type=int,
                    help="local: processes; the CPU devices of XLA_FLAGS (or 1 each) are split evenly between them")
     p.add_argument("--nodes", type=int, help="slurm, gke: nodes, one process each (a TPU slice fixes it)")
-    p.add_argument("--gpus-per-node", type=int, help="slurm: GPUs per node (JAX devices per process)")
+    p.add_argument("--gpus-per-node", type=int,
+                   help="slurm: GPUs per node; 0 for CPU nodes (the CPU devices of XLA_FLAGS per task)")
+    p.add_argument("--tasks-per-node", type=int,
+                   help="slurm: clt train processes per node (default 1: one per node, all its GPUs)")
     p.add_argument("--partition", help="slurm: the partition (#SBATCH --partition)")
     p.add_argument("--time", help="slurm: the time limit, e.g. 24:00:00 (the job requeues itself when it is near)")
     p.add_argument("--account", help="slurm: the account to charge")

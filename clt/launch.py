@@ -241,13 +241,16 @@ def _train_words(config: str, workdir: str, overrides: Sequence[str]) -> str:
 
 def render_slurm(config: str, workdir: str, overrides: Sequence[str], *, nodes: int, gpus_per_node: int,
                  partition: str | None = None, time: str | None = None, account: str | None = None,
-                 name: str | None = None) -> str:
-    """The sbatch script of a job of `nodes` processes (one per node, `gpus_per_node` GPUs each)."""
+                 name: str | None = None, tasks_per_node: int = 1) -> str:
+    """The sbatch script of a job of `nodes` x `tasks_per_node` processes with `gpus_per_node` GPUs per node
+    (0: CPU nodes, whose JAX devices are the CPU devices of the submitting shell's XLA_FLAGS, which sbatch
+    passes on)."""
     optional = "".join(f"#SBATCH --{opt}={_sbatch_value('--' + opt, v)}\n"
-                       for opt, v in (("partition", partition), ("time", time), ("account", account)) if v)
+                       for opt, v in (("gpus-per-node", gpus_per_node), ("partition", partition), ("time", time),
+                                      ("account", account)) if v)
     return _template("slurm.sbatch").substitute(
         job_name=_sbatch_value("--name", name or default_name(workdir)), nodes=int(nodes),
-        gpus_per_node=int(gpus_per_node), optional_lines=optional, workdir=_sbatch_value("--workdir", workdir),
+        tasks_per_node=int(tasks_per_node), optional_lines=optional, workdir=_sbatch_value("--workdir", workdir),
         port=COORDINATOR_PORT, train_command=_train_words(config, workdir, overrides))
 
 
@@ -311,11 +314,19 @@ def _positive(option: str, value: int | None) -> int:
 
 
 def job_shape(kind: str, nodes: int | None, gpus_per_node: int | None,
-              accelerator: str | None) -> tuple[int, int, str]:
+              accelerator: str | None, tasks_per_node: int = 1) -> tuple[int, int, str]:
     """(nodes, JAX devices per node, how the per-node count was given) of a slurm or gke job; a TPU slice
-    fixes its node count."""
+    fixes its node count. SLURM CPU nodes (--gpus-per-node 0) have the CPU devices of XLA_FLAGS per task."""
     if kind == "slurm":
-        return _positive("--nodes", nodes), _positive("--gpus-per-node", gpus_per_node), "--gpus-per-node"
+        tasks = _positive("--tasks-per-node", tasks_per_node)
+        if gpus_per_node == 0:
+            cpus = simulated_devices()
+            return _positive("--nodes", nodes), tasks * cpus, f"{tasks} task(s) x {cpus} CPU device(s) per node"
+        gpus = _positive("--gpus-per-node", gpus_per_node)
+        if gpus % tasks:
+            raise LaunchError(f"--tasks-per-node {tasks}: the {gpus} GPUs of a node do not split evenly over "
+                              f"{tasks} processes; use a divisor of {gpus}")
+        return _positive("--nodes", nodes), gpus, "--gpus-per-node"
     if accelerator is None:
         raise LaunchError(f"clt launch gke needs --accelerator: one of {', '.join(ACCELERATORS)}")
     acc = accelerator_of(accelerator)
@@ -360,7 +371,7 @@ def _write(workdir: str, name: str, text: str) -> str:
 def launch_job(kind: str, config: str, workdir: str, overrides: Sequence[str], *, nodes: int | None = None,
                gpus_per_node: int | None = None, partition: str | None = None, time: str | None = None,
                account: str | None = None, accelerator: str | None = None, image: str | None = None,
-               name: str | None = None, dry_run: bool = False) -> int:
+               name: str | None = None, dry_run: bool = False, tasks_per_node: int = 1) -> int:
     """Check, render and record a slurm or gke job in WORKDIR/launch/; then print it (dry run) or submit it.
 
     Everything that can be wrong (the shape, the config against it, the submit tool) is checked before
@@ -368,7 +379,7 @@ def launch_job(kind: str, config: str, workdir: str, overrides: Sequence[str], *
     from clt.data import store
 
     tool = {"slurm": "sbatch", "gke": "kubectl"}[kind]
-    n, per_node, what = job_shape(kind, nodes, gpus_per_node, accelerator)
+    n, per_node, what = job_shape(kind, nodes, gpus_per_node, accelerator, tasks_per_node)
     if kind == "slurm":
         if store.is_remote(workdir):
             raise LaunchError(f"--workdir {workdir}: a SLURM job's workdir is a folder on the cluster's shared "
@@ -383,8 +394,8 @@ def launch_job(kind: str, config: str, workdir: str, overrides: Sequence[str], *
                           "print the job file")
     cfg, plan = check_job_config(config, overrides, n, per_node, what)
     if kind == "slurm":
-        text = render_slurm(config, workdir, overrides, nodes=n, gpus_per_node=per_node, partition=partition,
-                            time=time, account=account, name=name)
+        text = render_slurm(config, workdir, overrides, nodes=n, gpus_per_node=gpus_per_node, partition=partition,
+                            time=time, account=account, name=name, tasks_per_node=tasks_per_node)
     else:
         text = render_gke(config, workdir, overrides, accelerator=accelerator, nodes=n, image=image, name=name)
         _warn_local_domains(cfg)

@@ -74,6 +74,8 @@ def _run_sbatch(tmp_path, job_state):
                                f'  "show hostnames") printf "node-a\\nnode-b\\n" ;;\n'
                                f'  "show job") echo "JobId=$3 JobState={job_state} Reason=None" ;;\n'
                                f'  requeue*) echo "requeue $2" >> {log} ;;\nesac\n')
+    # scancel --signal=TERM JOB.0 reaches the step's tasks (here: the stand-in clt), as SLURM does.
+    _stub(bin_dir, "scancel", f'#!/bin/bash\necho "scancel $*" >> {log}\npkill -TERM -f "{bin_dir}/clt"\n')
     record = tmp_path / "clt.json"
     _stub(bin_dir, "clt", f"#!{sys.executable}\nimport json, os, signal, sys, time\n"
                           "def stop(*_):\n"
@@ -105,12 +107,12 @@ def test_sbatch_runs_clt_train_with_the_exact_words_and_requeues_on_term(tmp_pat
     assert seen["env"] == {"CLT_COORDINATOR": f"node-a:{launch.COORDINATOR_PORT}", "CLT_NUM_PROCESSES": "2",
                            "CLT_PROCESS_ID": "0"}
     assert terminated  # clt train got the SIGTERM (it saves a checkpoint and stops)...
-    assert requeues == "requeue 77\n"  # ...and then the job went back to the queue
+    assert requeues == "scancel --signal=TERM 77.0\nrequeue 77\n"  # ...through the step; then the job is requeued
 
 
 def test_a_cancelled_job_is_not_requeued(tmp_path):
     _, requeues, terminated = _run_sbatch(tmp_path, "CANCELLED")
-    assert terminated and requeues == ""
+    assert terminated and requeues == "scancel --signal=TERM 77.0\n"
 
 
 # ----------------------------------------------------------------------------------------------------------
