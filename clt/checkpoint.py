@@ -479,6 +479,29 @@ def hosts_any(flag: bool) -> bool:
     return bool(multihost_utils.process_allgather(np.array(bool(flag))).any())
 
 
+def check_shared_workdir(wd: pathlib.Path) -> None:
+    """With several processes, process 0 alone writes the run files, the replay snapshots and the checkpoint
+    metadata that every process reads back: the workdir must be one folder for all (a shared file system, or
+    the bucket a JobSet mounts in every pod). Checked at start, by a file process 0 writes and the others read."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(time.time_ns() % 2**31)))
+    probe = wd / f".clt-shared-{token}"
+    if jax.process_index() == 0:
+        probe.write_text(str(token))
+    multihost_utils.sync_global_devices("clt-shared-workdir-written")
+    unseen = not (probe.is_file() and probe.read_text() == str(token))
+    unshared = hosts_any(unseen)  # also the barrier before process 0 removes the probe
+    if jax.process_index() == 0:
+        probe.unlink()
+    if unshared:
+        raise ConfigError("--workdir", str(wd), f"is not one folder for all {jax.process_count()} processes: "
+                          f"{'this process' if unseen else 'another process'} cannot see what process 0 wrote there",
+                          "put the workdir on a file system every host mounts (on GKE, the bucket the job mounts)")
+
+
 class Preemption:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 0 (preemption-safe).
 

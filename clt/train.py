@@ -78,6 +78,7 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=init_from))
     lock = resume.WorkdirLock(wd).acquire() if jax.process_index() == 0 else None
     try:
+        checkpoint.check_shared_workdir(wd)
         run = Run(cfg, wd)
         finished = run.start(accept_changed_past)  # a finished run has nothing left to train
         return finished if finished is not None else run.loop(progress)

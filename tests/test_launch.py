@@ -188,3 +188,27 @@ def test_sigterm_to_one_process_stops_the_job_after_one_save(smoke_run, demo_dat
     resumed = _clt("train", str(SMOKE), "--workdir", str(wd), "--quiet", *smoke_overrides(demo_data))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_metrics(_rows(one_wd), _rows(wd))
+
+
+def test_a_workdir_that_is_not_shared_is_one_line_on_every_process(demo_data, tmp_path):
+    """Process 1 sees its own empty tmpfs where process 0's workdir is (a private mount namespace): both stop
+    before training with a one-line error, instead of process 1 failing later on files it cannot see."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (a private mount namespace)")
+    base, port = tmp_path / "shared", launch._free_port()
+    base.mkdir()
+    argv = [sys.executable, "-m", "clt.cli", "train", str(SMOKE), "--workdir", str(base / "run"), "--quiet",
+            *smoke_overrides(demo_data)]
+    env = lambda i: dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",  # noqa: E731
+                         XLA_FLAGS="--xla_force_host_platform_device_count=4", CLT_COORDINATOR=f"127.0.0.1:{port}",
+                         CLT_NUM_PROCESSES="2", CLT_PROCESS_ID=str(i))
+    private = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs "{base}" && exec "$@"', "sh", *argv]
+    procs = [subprocess.Popen(cmd, env=env(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, cmd in enumerate([argv, private])]
+    for i, p in enumerate(procs):
+        _, err = p.communicate(timeout=300)
+        lines = [line for line in err.splitlines() if line.startswith("clt")]
+        assert p.returncode == 2 and len(lines) == 1, err[-3000:]
+        assert lines[0].startswith(f"clt (process {i}/2): error: --workdir = ") and "is not one folder for all 2 " \
+            f"processes: {'another' if i == 0 else 'this'} process cannot see what process 0 wrote" in lines[0]
+    assert not (base / "run" / "metrics.jsonl").exists()
