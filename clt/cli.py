@@ -119,13 +119,13 @@ def _quiet_orbax_leftovers() -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     """The resolved plan, after every check that needs no data: model shape, schedules, and with `--devices N`
     the mesh and batch sizes on a machine of N devices (without it, what needs no device count)."""
-    from clt import config, plan_view, sharding
+    from clt import config, plan_view, step
 
     cfg = config.load(args.config, args.overrides)
     if args.devices is not None and args.devices < 1:
         raise ConfigError("--devices", args.devices, "a machine has at least one device",
                           "give the target machine's device count, e.g. --devices 8")
-    resolved = sharding.checked_plan(cfg, args.devices)
+    resolved = step.checked_plan(cfg, args.devices)
     if args.csv:
         print(plan_view.plan_csv(resolved))
         return 0
@@ -550,10 +550,41 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The top-level parser (verbs listed in its help) and each verb's own parser, by verb."""
+def add_launch_parser(sub: argparse._SubParsersAction) -> None:
+    """`clt launch local|slurm|gke` and its options (each target takes only its own: see _LAUNCH_OPTIONS)."""
     from clt.launch import ACCELERATORS  # standard library only: the parser stays quick to build
 
+    p = sub.add_parser("launch", help="run `clt train` as a job of several processes joined by jax.distributed: "
+                       "on this machine, or as a SLURM job or a GKE JobSet")
+    p.add_argument("where", choices=["local", "slurm", "gke"],
+                   help="local: N processes on this machine (127.0.0.1); slurm: an sbatch job, one process per "
+                        "node; gke: a JobSet, one pod per node")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for `clt train`")
+    p.add_argument("--workdir", required=True,
+                   help="slurm: a folder on the shared file system; gke: gs://BUCKET/PATH (mounted in every pod)")
+    p.add_argument("--processes", type=int,
+                   help="local: processes; the CPU devices of XLA_FLAGS (or 1 each) are split evenly between them")
+    p.add_argument("--nodes", type=int, help="slurm, gke: nodes, one process each (a TPU slice fixes it)")
+    p.add_argument("--gpus-per-node", type=int,
+                   help="slurm: GPUs per node; 0 for CPU nodes (the CPU devices of XLA_FLAGS per task)")
+    p.add_argument("--tasks-per-node", type=int,
+                   help="slurm: clt train processes per node (default 1: one per node, all its GPUs)")
+    p.add_argument("--partition", help="slurm: the partition (#SBATCH --partition)")
+    p.add_argument("--time", help="slurm: the time limit, e.g. 24:00:00 (the job requeues itself when it is near)")
+    p.add_argument("--account", help="slurm: the account to charge")
+    p.add_argument("--accelerator", help="gke: the node type: " + ", ".join(ACCELERATORS))
+    p.add_argument("--image", help="gke: a container image with clt installed")
+    p.add_argument("--name", help="slurm, gke: the job's name (default: clt-<workdir's last folder>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="slurm, gke: write the job file and its records into WORKDIR/launch/ and print it; "
+                        "submit nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_launch)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (verbs listed in its help) and each verb's own parser, by verb."""
     ap = argparse.ArgumentParser(prog="clt", description="Continual pre-training orchestrator.")
     ap.add_argument("--version", action=_Version)
     sub = ap.add_subparsers(dest="verb", metavar="VERB")
@@ -615,33 +646,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("launch", help="run `clt train` as a job of several processes joined by jax.distributed: "
-                       "on this machine, or as a SLURM job or a GKE JobSet")
-    p.add_argument("where", choices=["local", "slurm", "gke"],
-                   help="local: N processes on this machine (127.0.0.1); slurm: an sbatch job, one process per "
-                        "node; gke: a JobSet, one pod per node")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for `clt train`")
-    p.add_argument("--workdir", required=True,
-                   help="slurm: a folder on the shared file system; gke: gs://BUCKET/PATH (mounted in every pod)")
-    p.add_argument("--processes", type=int,
-                   help="local: processes; the CPU devices of XLA_FLAGS (or 1 each) are split evenly between them")
-    p.add_argument("--nodes", type=int, help="slurm, gke: nodes, one process each (a TPU slice fixes it)")
-    p.add_argument("--gpus-per-node", type=int,
-                   help="slurm: GPUs per node; 0 for CPU nodes (the CPU devices of XLA_FLAGS per task)")
-    p.add_argument("--tasks-per-node", type=int,
-                   help="slurm: clt train processes per node (default 1: one per node, all its GPUs)")
-    p.add_argument("--partition", help="slurm: the partition (#SBATCH --partition)")
-    p.add_argument("--time", help="slurm: the time limit, e.g. 24:00:00 (the job requeues itself when it is near)")
-    p.add_argument("--account", help="slurm: the account to charge")
-    p.add_argument("--accelerator", help="gke: the node type: " + ", ".join(ACCELERATORS))
-    p.add_argument("--image", help="gke: a container image with clt installed")
-    p.add_argument("--name", help="slurm, gke: the job's name (default: clt-<workdir's last folder>)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="slurm, gke: write the job file and its records into WORKDIR/launch/ and print it; "
-                        "submit nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_launch)
+    add_launch_parser(sub)
 
     p = sub.add_parser("report", help="write a run's report (report.md, stability.json, plots); prints its path")
     p.add_argument("workdir")

@@ -345,12 +345,12 @@ def check_job_config(config: str, overrides: Sequence[str], nodes: int, per_node
                      what: str) -> tuple[Config, Plan]:
     """Load the config and run `clt plan show --devices N`'s checks for the job's nodes x devices per node;
     returns (config, resolved plan)."""
-    from clt import config as configs, sharding
+    from clt import config as configs, step
     from clt.config import ConfigError
 
     cfg = configs.load(config, overrides)
     try:
-        return cfg, sharding.checked_plan(cfg, nodes * per_node)
+        return cfg, step.checked_plan(cfg, nodes * per_node)
     except ConfigError as e:
         raise LaunchError(f"--nodes {nodes} x {what} = {nodes * per_node} devices: {e}") from None
 

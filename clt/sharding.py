@@ -136,17 +136,6 @@ def check_layout(cfg: Config, plan: Plan, n_devices: int | None, dims: ModelDims
                           f"use a multiple of {ways}, e.g. {-(-cfg.data.eval_batch // ways) * ways}")
 
 
-def checked_plan(cfg: Config, n_devices: int | None) -> Plan:
-    """The resolved plan of `cfg` after `check_layout` for a machine (or job) of `n_devices` devices: what `clt
-    plan show --devices N` and `clt launch slurm|gke` check before any device is touched."""
-    from clt import plan as plans, step
-
-    resolved = plans.resolve(cfg)
-    dims = step.resolve_dims(cfg.model, 128)  # 128: a placeholder vocabulary; the data's is not read here
-    check_layout(cfg, resolved, n_devices, dims, vocab_known=bool(cfg.model.vocab_size))
-    return resolved
-
-
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh) -> Iterator[None]:
     """Set the mesh and the rules: needed to trace the model so its activation constraints apply."""

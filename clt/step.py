@@ -21,7 +21,7 @@ from clt.config import Config, ConfigError, ModelConfig, OptimConfig
 from clt.loss import token_nll
 from clt.model import PRESETS, VOCAB_MULTIPLE, ModelDims, Transformer
 from clt.optim import with_lr
-from clt.plan import Plan
+from clt.plan import Plan, resolve
 from clt.schedule import lr_at
 
 SPIKE_WARMUP = 20
@@ -100,6 +100,15 @@ def resolve_dims(cfg: ModelConfig, vocab_size: int) -> ModelDims:
     return ModelDims(vocab_size=int(vocab), head_dim=head_dim, **{k: dims[k] for k in (*_REQUIRED_DIMS, "n_kv_heads")},
                      rope_theta=float(dims["rope_theta"]), tie_embeddings=bool(dims["tie_embeddings"]),
                      **{k: getattr(cfg, k) for k in _SWITCHES})
+
+
+def checked_plan(cfg: Config, n_devices: int | None) -> Plan:
+    """The resolved plan of `cfg` after `sharding.check_layout` for a machine (or job) of `n_devices` devices:
+    what `clt plan show --devices N` and `clt launch slurm|gke` check before any device is touched."""
+    resolved = resolve(cfg)
+    dims = resolve_dims(cfg.model, 128)  # 128: a placeholder vocabulary; the data's is not read here
+    sharding.check_layout(cfg, resolved, n_devices, dims, vocab_known=bool(cfg.model.vocab_size))
+    return resolved
 
 
 def model_dims(cfg: Config, data_vocab: int) -> ModelDims:
