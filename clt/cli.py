@@ -360,7 +360,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clt import config, launch
     from clt.metrics import TensorBoardSink
 
-    launch.initialize()  # joins the job's other processes, if any: before any other JAX call
+    # Joins the job's other processes, if any, before any other JAX call: the flags, else the environment.
+    launch.initialize(launch.job_env(args.coordinator, args.num_processes, args.process_id))
     _setup_logging()
     _quiet_orbax_leftovers()
     cfg = config.load(args.config, args.overrides)
@@ -644,6 +645,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--accept-changed-past", action="store_true",
                    help="resume even though phases that already ran were edited")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="join a job of several processes (run on each host; process 0 listens on HOST:PORT); "
+                        "the same as CLT_COORDINATOR, which clt launch sets")
+    p.add_argument("--num-processes", type=int, help="with --coordinator: the job's process count")
+    p.add_argument("--process-id", type=int, help="with --coordinator: this process's index, 0 to N-1")
     p.set_defaults(func=cmd_train)
 
     add_launch_parser(sub)

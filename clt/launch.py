@@ -61,6 +61,23 @@ def job_from_env(env: Mapping[str, str] = os.environ) -> tuple[str, int, int] | 
     return coordinator, n, i
 
 
+def job_env(coordinator: str | None, num_processes: int | None, process_id: int | None,
+            env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """`env` with the job given by `clt train --coordinator --num-processes --process-id` (all three or none),
+    so flags and environment go through the same checks; the process's own environment gets them too, so
+    its error messages name the process."""
+    given = [v is not None for v in (coordinator, num_processes, process_id)]
+    if not any(given):
+        return dict(env)
+    if not all(given):
+        raise LaunchError("--coordinator, --num-processes and --process-id go together: give all three (or none, "
+                          f"to use {ENV_COORDINATOR} and its companions)")
+    job = {ENV_COORDINATOR: str(coordinator), ENV_PROCESSES: str(num_processes), ENV_PROCESS_ID: str(process_id)}
+    job_from_env(job)  # the same checks as for the variables
+    os.environ.update(job)
+    return dict(env, **job)
+
+
 def initialize(env: Mapping[str, str] = os.environ) -> None:
     """Join the job the environment names (before any other JAX call); a single process does nothing."""
     job = job_from_env(env)

@@ -212,3 +212,17 @@ def test_a_workdir_that_is_not_shared_is_one_line_on_every_process(demo_data, tm
         assert lines[0].startswith(f"clt (process {i}/2): error: --workdir = ") and "is not one folder for all 2 " \
             f"processes: {'another' if i == 0 else 'this'} process cannot see what process 0 wrote" in lines[0]
     assert not (base / "run" / "metrics.jsonl").exists()
+
+
+def test_train_joins_a_job_given_by_flags(monkeypatch):
+    """`clt train --coordinator --num-processes --process-id` is the same job as the CLT_* variables, with the
+    same checks; the three go together."""
+    for var in ("CLT_COORDINATOR", "CLT_NUM_PROCESSES", "CLT_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert launch.job_from_env(launch.job_env(None, None, None)) is None
+    env = launch.job_env("10.0.0.2:8476", 4, 1)
+    assert launch.job_from_env(env) == ("10.0.0.2:8476", 4, 1) and launch.process_label() == "process 1/4"
+    with pytest.raises(launch.LaunchError, match="go together"):
+        launch.job_env("10.0.0.2:8476", None, 1)
+    with pytest.raises(launch.LaunchError, match="the index is in"):
+        launch.job_env("10.0.0.2:8476", 2, 5)
