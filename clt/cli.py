@@ -361,7 +361,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clt.metrics import TensorBoardSink
 
     # Joins the job's other processes, if any, before any other JAX call: the flags, else the environment.
-    launch.initialize(launch.job_env(args.coordinator, args.num_processes, args.process_id))
+    job = launch.job_env(args.coordinator, args.num_processes, args.process_id)
+    os.environ.update({k: job[k] for k in (launch.ENV_COORDINATOR, launch.ENV_PROCESSES, launch.ENV_PROCESS_ID)
+                       if k in job})  # this process's messages name it (launch.process_label)
+    launch.initialize(job)
     _setup_logging()
     _quiet_orbax_leftovers()
     cfg = config.load(args.config, args.overrides)

@@ -64,8 +64,7 @@ def job_from_env(env: Mapping[str, str] = os.environ) -> tuple[str, int, int] | 
 def job_env(coordinator: str | None, num_processes: int | None, process_id: int | None,
             env: Mapping[str, str] = os.environ) -> dict[str, str]:
     """`env` with the job given by `clt train --coordinator --num-processes --process-id` (all three or none),
-    so flags and environment go through the same checks; the process's own environment gets them too, so
-    its error messages name the process."""
+    so flags and environment go through the same checks."""
     given = [v is not None for v in (coordinator, num_processes, process_id)]
     if not any(given):
         return dict(env)
@@ -74,7 +73,6 @@ def job_env(coordinator: str | None, num_processes: int | None, process_id: int 
                           f"to use {ENV_COORDINATOR} and its companions)")
     job = {ENV_COORDINATOR: str(coordinator), ENV_PROCESSES: str(num_processes), ENV_PROCESS_ID: str(process_id)}
     job_from_env(job)  # the same checks as for the variables
-    os.environ.update(job)
     return dict(env, **job)
 
 

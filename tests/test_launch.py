@@ -221,7 +221,8 @@ def test_train_joins_a_job_given_by_flags(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert launch.job_from_env(launch.job_env(None, None, None)) is None
     env = launch.job_env("10.0.0.2:8476", 4, 1)
-    assert launch.job_from_env(env) == ("10.0.0.2:8476", 4, 1) and launch.process_label() == "process 1/4"
+    assert launch.job_from_env(env) == ("10.0.0.2:8476", 4, 1)
+    assert "CLT_COORDINATOR" not in os.environ  # pure: nothing leaks into this process (or later tests)
     with pytest.raises(launch.LaunchError, match="go together"):
         launch.job_env("10.0.0.2:8476", None, 1)
     with pytest.raises(launch.LaunchError, match="the index is in"):
