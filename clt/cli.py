@@ -396,7 +396,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{_me()}: error: {problem}; nothing partial was kept: fix the storage and rerun the same command to "
               f"resume from the last checkpoint", file=sys.stderr)
         return 1
-    if _me() != "clt" and not _me().startswith("clt (process 0/"):
+    if launch.is_secondary():
         return 0  # one summary for a job: process 0's
     if result.get("already_finished"):
         print(f"already finished at step {result['final_step']}: nothing to do ({args.workdir})")
@@ -425,9 +425,9 @@ def _setup_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    from clt.launch import process_label
+    from clt.launch import is_secondary
 
-    if process_label() and not process_label().startswith("process 0/"):  # a job's log is process 0's
+    if is_secondary():  # a job's log is process 0's
         logger.setLevel(logging.WARNING)
 
 

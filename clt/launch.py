@@ -97,6 +97,15 @@ def process_label() -> str:
     return f"process {job[2]}/{job[1]}" if job and job[1] > 1 else ""
 
 
+def is_secondary() -> bool:
+    """Whether this process is one of a job's processes other than process 0 (which alone logs and reports)."""
+    try:
+        job = job_from_env()
+    except LaunchError:
+        return False
+    return job is not None and job[1] > 1 and job[2] > 0
+
+
 def simulated_devices(env: Mapping[str, str] = os.environ) -> int:
     """The CPU device count XLA_FLAGS asks for (1 when it asks for none)."""
     m = _DEVICE_FLAG.search(env.get("XLA_FLAGS", ""))
