@@ -11,7 +11,7 @@ shared machines make single timings noisy. FLOPs per token follow `model.flops_p
 so MFU is comparable to published numbers; it needs a known dense bf16 peak (metrics.PEAK_FLOPS) and is "n/a"
 otherwise (e.g. on CPU). Simulate devices on CPU with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
-`machine_info`, `command_line`, `stats`, `build`, `write_result` and `stamp` are shared with the other
+`machine_info`, `command_line`, `stats`, `build`, `record`, `write_result` and `stamp` are shared with the other
 benchmarks in this folder: they run as scripts (`python benchmarks/X.py` puts benchmarks/ first on sys.path)
 and `from step import ...` them.
 """
@@ -161,6 +161,19 @@ def write_result(result: dict, out: str | None, default_name: str) -> pathlib.Pa
         path = path / default_name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
+def record(result: dict, out: str | None, name: str) -> pathlib.Path:
+    """Print `result` as one JSON line and append that line to `out` (a .jsonl file), by default
+    benchmarks/results/<name>.jsonl: one file per benchmark holds every run of it, each line with its machine,
+    date, versions and command, so BENCHMARKS.md can quote a line and a rerun adds one."""
+    line = json.dumps(result, separators=(",", ":"))
+    print(line)
+    path = pathlib.Path(out) if out else RESULTS / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(line + "\n")
     return path
 
 
