@@ -27,19 +27,21 @@ import pathlib
 import platform
 import statistics
 import sys
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from clt import config, plan as plan_lib, sharding, step as step_lib
 from clt.config import ConfigError
 from clt.data.tokenizer import ByteTokenizer
 from clt.metrics import peak_flops
-from clt.model import ModelDims, PRESETS, REMAT_POLICIES, flops_per_token, param_count
+from clt.model import ATTENTION_FLOPS, PRESETS, REMAT_POLICIES, ModelDims, Transformer, flops_per_token, param_count
 from clt.optim import make_optimizer
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -108,6 +110,7 @@ class StepBench:
     state: dict
     step_fn: Callable  # jitted step.train_step with in/out shardings and the state donated
     batch_sh: NamedSharding
+    attention: str  # the kernel chosen (clt.attention.choose)
 
     def batches(self, n: int, seed: int = 0) -> list[jax.Array]:
         """`n` random token batches (batch, seq_len + 1) on the mesh: the step predicts tokens 1..L from 0..L-1."""
@@ -119,11 +122,11 @@ class StepBench:
 
 def build(preset: str, batch: int, seq_len: int, *, dtype: str = "auto", remat: str = "none",
           mesh: config.MeshConfig = config.MeshConfig(), vocab: int = BYTE_VOCAB, steps: int = 1000,
-          seed: int = 0) -> StepBench:
+          seed: int = 0, attention: str = "auto", abstract: bool = False) -> StepBench:
     """The sharded model, its train state and the jitted step, validated through clt's own config (so a bad
     preset, dtype or mesh gives the same error as `clt train`). `steps` only sizes the constant-LR plan."""
     cfg = config.from_dict(dict(
-        model=dict(preset=preset, dtype=dtype, remat=remat, vocab_size=vocab),
+        model=dict(preset=preset, dtype=dtype, remat=remat, vocab_size=vocab, attention=attention),
         mesh=dict(data=mesh.data, fsdp=mesh.fsdp, tensor=mesh.tensor),
         data=dict(domains={"a": "-"}, seq_len=seq_len), batch_size=batch, seed=seed,
         phases=(dict(name="p", steps=max(steps, 1), mixture={"a": 1.0},
@@ -135,15 +138,21 @@ def build(preset: str, batch: int, seq_len: int, *, dtype: str = "auto", remat: 
         raise ConfigError("batch_size", batch, f"does not divide the {shards} batch shards (data x fsdp)",
                           f"use a multiple of {shards}")
     tx = make_optimizer(cfg.optim)
-    graphdef, params, _, state_sh = step_lib.state_layout(
-        dims, jax_mesh, tx, seed=seed, dtype=step_lib.compute_dtype(cfg.model.dtype),
-        param_dtype=np.dtype(cfg.model.param_dtype), remat=cfg.model.remat)
-    state = step_lib.init_state(params, tx, state_sh)
-    del params  # the state owns the params now; the step donates it
+    options = step_lib.model_options(cfg, -1, dims)  # the attention kernel as `clt train` would choose it
+    if abstract:  # shapes and shardings only: what compiling needs, with no device memory (8b on a laptop)
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(dims, rngs=nnx.Rngs(0), **options)))
+        shapes = jax.eval_shape(functools.partial(step_lib.new_state, tx=tx), params)
+        state_sh = sharding.shardings_of(jax_mesh, shapes)
+        state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, state_sh)
+    else:
+        graphdef, params, _, state_sh = step_lib.state_layout(dims, jax_mesh, tx, seed=seed, **options)
+        state = step_lib.init_state(params, tx, state_sh)
+        del params  # the state owns the params now; the step donates it
     batch_sh = sharding.batch_sharding(jax_mesh)
     step_fn = step_lib.compile_step(graphdef, tx, plan_lib.resolve(cfg), cfg.optim, state_sh, batch_sh,
                                     sharding.replicated(jax_mesh))
-    return StepBench(cfg=cfg, dims=dims, mesh=jax_mesh, state=state, step_fn=step_fn, batch_sh=batch_sh)
+    return StepBench(cfg=cfg, dims=dims, mesh=jax_mesh, state=state, step_fn=step_fn, batch_sh=batch_sh,
+                     attention=options["attention"])
 
 
 def command_line() -> str:
@@ -185,99 +194,140 @@ def stamp() -> str:
 # ----------------------------------------------------------------------------------------------------------
 # The step benchmark.
 # ----------------------------------------------------------------------------------------------------------
-def run(args: argparse.Namespace, mesh_cfg: config.MeshConfig) -> dict[str, Any]:
+QUICK = (("tiny", 128), ("tiny", 512), ("demo", 128), ("demo", 512))
+"""--quick: about a minute on a 2-core CPU."""
+FULL = tuple((p, L) for p in ("tiny", "125m", "1b") for L in (512, 1024, 2048, 4096)) + (("8b", 2048),)
+"""The default grid (an accelerator's): every preset the issue names at seq 512-4096, and 8b where it fits."""
+
+
+def memory(compiled) -> dict[str, int] | None:
+    """XLA's per-device memory plan of the compiled step (bytes): arguments (state + batch), outputs, temporaries
+    (activations, gradients), minus what donation aliases. None where the backend gives no analysis."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if m is None:
+        return None
+    out = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes, temp=m.temp_size_in_bytes,
+               alias=m.alias_size_in_bytes, code=m.generated_code_size_in_bytes)
+    out["peak_estimate"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def run_case(args: argparse.Namespace, mesh_cfg: config.MeshConfig, preset: str, L: int) -> dict[str, Any]:
+    """One (preset, seq_len): compile, then (unless --compile-only) time the steps."""
     machine = machine_info()
+    B = args.batch
     t0 = time.perf_counter()
-    bench = build(args.preset, args.batch, args.seq_len, dtype=args.dtype, remat=args.remat, mesh=mesh_cfg,
-                  vocab=args.vocab, steps=args.warmup + args.steps + 1, seed=args.seed)
+    bench = build(preset, B, L, dtype=args.dtype, remat=args.remat, mesh=mesh_cfg, vocab=args.vocab,
+                  steps=args.warmup + args.steps + 1, seed=args.seed, attention=args.attention,
+                  abstract=args.compile_only)
     jax.block_until_ready(bench.state)
     build_s = time.perf_counter() - t0
-    batches = bench.batches(4, seed=args.seed)
-
+    batch0 = jax.ShapeDtypeStruct((B, L + 1), np.int32, sharding=bench.batch_sh)
     with sharding.use_mesh(bench.mesh):
         t0 = time.perf_counter()
-        lowered = bench.step_fn.lower(bench.state, batches[0])
+        lowered = bench.step_fn.lower(bench.state, batch0)
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
-        state, times, losses = bench.state, [], []
-        for i in range(args.warmup + args.steps):
-            t = time.perf_counter()
-            state, m = compiled(state, batches[i % len(batches)])
-            jax.block_until_ready((state, m))
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t)
-            losses.append(float(m["loss"]))
+        times, losses = [], []
+        if not args.compile_only:
+            batches, state = bench.batches(4, seed=args.seed), bench.state
+            for i in range(args.warmup + args.steps):
+                t = time.perf_counter()
+                state, m = compiled(state, batches[i % len(batches)])
+                jax.block_until_ready((state, m))
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t)
+                losses.append(float(m["loss"]))
 
-    dims, B, L = bench.dims, args.batch, args.seq_len
-    step_s = stats(times)
-    tokens_per_s = B * L / step_s["median"]
+    dims = bench.dims
     fpt = flops_per_token(dims, L)
-    achieved = tokens_per_s * fpt
     peak = peak_flops(machine["device_kind"])
-    if peak:
-        mfu, mfu_note = achieved / (peak * jax.device_count()), f"peak {peak / 1e12:.0f} TFLOP/s per device"
-    else:
-        mfu, mfu_note = None, (f"n/a: no dense bf16 peak known for device kind {machine['device_kind']!r} "
-                               "(metrics.PEAK_FLOPS)")
-    mem = jax.devices()[0].memory_stats() or {}
-    machine["loadavg_end"] = list(os.getloadavg())
-    return dict(
+    dev_mem = (jax.devices()[0].memory_stats() or {})
+    result = dict(
         benchmark="step", command=command_line(), machine=machine,
-        config=dict(preset=args.preset, batch=B, seq_len=L, dtype=args.dtype,
+        config=dict(preset=preset, batch=B, seq_len=L, dtype=args.dtype,
                     compute_dtype=str(np.dtype(step_lib.compute_dtype(args.dtype))), remat=args.remat,
-                    mesh=dict(bench.mesh.shape), vocab=dims.vocab_size, steps=args.steps, warmup=args.warmup,
-                    seed=args.seed),
-        params=param_count(dims), dims=dict(vars(dims)),
-        build_s=build_s, lower_s=t1 - t0, compile_s=t2 - t1, step_s=step_s, step_times_s=times,
-        tokens_per_step=B * L, tokens_per_s=tokens_per_s, flops_per_token=fpt, achieved_tflops=achieved / 1e12,
-        peak_tflops_per_device=peak / 1e12 if peak else None, mfu=mfu, mfu_note=mfu_note,
-        loss_first=losses[0], loss_last=losses[-1], peak_bytes_in_use=mem.get("peak_bytes_in_use"),
-    )
+                    attention=bench.attention, mesh=dict(bench.mesh.shape), vocab=dims.vocab_size,
+                    steps=args.steps, warmup=args.warmup, seed=args.seed, compile_only=args.compile_only),
+        params=param_count(dims), build_s=build_s, lower_s=t1 - t0, compile_s=t2 - t1,
+        memory_per_device=memory(compiled), device_memory_limit=dev_mem.get("bytes_limit"),
+        tokens_per_step=B * L, flops_per_token=fpt, flops_convention=f"{ATTENTION_FLOPS} attention (MaxText)",
+        peak_tflops_per_device=peak / 1e12 if peak else None)
+    if times:
+        step_s = stats(times)
+        tokens_per_s = B * L / step_s["median"]
+        achieved = tokens_per_s * fpt
+        result.update(step_s=step_s, step_times_s=times, tokens_per_s=tokens_per_s, achieved_tflops=achieved / 1e12,
+                      mfu=achieved / (peak * jax.device_count()) if peak else None,
+                      loss_first=losses[0], loss_last=losses[-1], peak_bytes_in_use=dev_mem.get("peak_bytes_in_use"))
+    machine["loadavg_end"] = list(os.getloadavg())
+    return result
 
 
 def summary(r: dict) -> str:
-    c, s = r["config"], r["step_s"]
-    mfu = f"MFU {r['mfu']:.1%}" if r["mfu"] is not None else "MFU n/a (no peak for " \
-        f"{r['machine']['device_kind']!r})"
-    return (f"step {c['preset']} ({r['params'] / 1e6:.2f}M params) {c['batch']}x{c['seq_len']} "
-            f"{c['compute_dtype']} remat={c['remat']} mesh={c['mesh']} on {r['machine']['device_count']}x "
-            f"{r['machine']['device_kind']}: compile {r['compile_s']:.1f}s | step {s['median'] * 1e3:.1f} ms "
-            f"median of {s['n']} (min {s['min'] * 1e3:.1f}, max {s['max'] * 1e3:.1f}) | "
-            f"{r['tokens_per_s'] / 1e3:.1f}k tok/s | {r['flops_per_token'] / 1e6:.1f} MFLOP/token | "
-            f"{r['achieved_tflops']:.3f} TFLOP/s | {mfu} | load {r['machine']['loadavg_start'][0]:.2f}")
+    c = r["config"]
+    head = (f"step {c['preset']} ({r['params'] / 1e6:.1f}M) {c['batch']}x{c['seq_len']} {c['compute_dtype']} "
+            f"remat={c['remat']} attn={c['attention']} mesh={c['mesh']} on {r['machine']['device_count']}x "
+            f"{r['machine']['device_kind']}: compile {r['compile_s']:.1f}s")
+    mem = r["memory_per_device"]
+    if mem:
+        head += f" | XLA memory plan {mem['peak_estimate'] / 2**30:.2f} GiB/device"
+    if "step_s" not in r:
+        return head
+    s = r["step_s"]
+    mfu = f"MFU {r['mfu']:.1%}" if r["mfu"] is not None else "MFU n/a (no peak known)"
+    return (f"{head} | step {s['median'] * 1e3:.1f} ms median of {s['n']} (min {s['min'] * 1e3:.1f}, max "
+            f"{s['max'] * 1e3:.1f}) | {r['tokens_per_s'] / 1e3:.1f}k tok/s | {r['flops_per_token'] / 1e6:.1f} "
+            f"MFLOP/token ({r['flops_convention']}) | {r['achieved_tflops']:.3f} TFLOP/s | {mfu}")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    p.add_argument("--preset", nargs="+", choices=sorted(PRESETS), help="presets (default: the grid, see FULL)")
+    p.add_argument("--seq-len", nargs="+", type=int, help="sequence lengths, crossed with --preset")
+    p.add_argument("--quick", action="store_true", help=f"the CPU grid {QUICK}, about a minute on 2 cores")
     p.add_argument("--batch", type=int, default=16, help="global batch in sequences")
-    p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype; auto = float32 on CPU, bfloat16 on accelerators")
     p.add_argument("--remat", default="none", choices=REMAT_POLICIES)
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "splash"))
     p.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1", help=MESH_FORMAT)
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile on abstract shapes (no memory allocated) and report XLA's per-device memory plan")
     p.add_argument("--vocab", type=int, default=BYTE_VOCAB,
                    help="vocabulary size (default: the byte tokenizer's, padded to a multiple of 128)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="result JSON file or folder (default benchmarks/results/, git-ignored; "
-                                 "file step-<preset>-<date>.json)")
+    p.add_argument("--out", help="results file (.jsonl) to append to (default benchmarks/results/step.jsonl)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
-        sys.exit("step.py: --steps must be >= 1 and --warmup >= 0")
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.quick and (args.preset or args.seq_len):
+        p.error("--quick is its own grid; drop --preset/--seq-len or --quick")
+    if args.quick:
+        cases = QUICK
+        args.steps, args.warmup, args.batch = min(args.steps, 5), min(args.warmup, 2), min(args.batch, 8)
+    elif args.preset or args.seq_len:
+        cases = tuple((pr, L) for pr in (args.preset or ["demo"]) for L in (args.seq_len or [128]))
+    else:
+        cases = FULL
     try:
         mesh = parse_mesh(args.mesh)
     except ValueError as e:
-        sys.exit(f"step.py: {e}")
-    try:
-        result = run(args, mesh)
-    except ConfigError as e:  # a preset, batch or mesh the model rejects: one line naming the field
-        sys.exit(f"step.py: {e}")
-    path = write_result(result, args.out, f"step-{args.preset}-{stamp()}.json")
-    print(summary(result))
-    print(f"wrote {path}")
+        p.error(str(e))
+    for preset, L in cases:
+        try:
+            result = run_case(args, mesh, preset, L)
+        except ConfigError as e:  # a preset, batch, mesh or kernel the model rejects: one line naming the field
+            sys.exit(f"step.py: {e}")
+        path = record(result, args.out, "step")
+        print(summary(result), file=sys.stderr)
+    print(f"appended {len(cases)} line(s) to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

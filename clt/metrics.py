@@ -8,11 +8,12 @@ readers skip a torn last line. TensorBoard is an optional extra sink.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from clt.config import ConfigError
 
@@ -107,14 +108,31 @@ class TensorBoardSink:
 # ----------------------------------------------------------------------------------------------------------
 # Throughput and MFU; the console lines of the loop.
 # ----------------------------------------------------------------------------------------------------------
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
-"""Dense bf16 peak FLOP/s per device by device-kind substring, for MFU; devices not listed (CPU) get none."""
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    # NVIDIA, dense bf16 tensor-core peaks of the data sheets (sparsity doubles them; clt never counts that).
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("GH200", 989e12),  # Grace Hopper: an H100/H200-class GPU
+    ("H200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    # Google TPUs, per chip (jax's device_kind).
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),  # v5p reports "TPU v5"
+    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+    ("TPU v6e", 918e12),
+)
+"""Dense bf16 peak FLOP/s per device: (device-kind substring, peak), first match wins, so the more specific
+names come first. The one table MFU is computed from; devices not listed (CPU) get no MFU."""
 
 
 def peak_flops(device_kind: str) -> float | None:
     """The peak FLOP/s of one device of `device_kind` (jax's `device.device_kind`), None when unknown."""
-    return next((v for k, v in PEAK_FLOPS.items() if k in device_kind), None)
+    return next((v for k, v in PEAK_FLOPS if k in device_kind), None)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float, n_devices: int) -> float:
@@ -122,20 +140,66 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float, n_devices: int
     return tokens_per_s * flops_per_token / (peak * n_devices)
 
 
-class Throughput:
-    """Tokens per second since the last `reset()` (each log interval; the compile is kept out of it)."""
+TIMING_FIELDS = frozenset({"tokens_per_s", "step_s", "mfu"})
+"""Metrics-row fields measured by the clock: the only ones two identical runs may disagree on."""
 
-    def __init__(self):
-        self.reset()
 
-    def reset(self) -> None:
-        self._t0, self.tokens = time.perf_counter(), 0
+class StepClock:
+    """Wall time of the train steps alone, per log interval and in total.
+
+    The loop never waits for a step to log it: the metrics of step s are read after step s+1 is dispatched, so
+    an interval ends when its last step's metrics arrive (`interval()`). Eval, checkpoint saves and the first
+    step's compile run inside `aside(kind)`, whose time is subtracted from the interval and added to the
+    kind's total, after the queued steps have finished (their time is training). tokens/s and MFU therefore
+    describe the train step as it runs in steady state, with or without a busy eval schedule."""
+
+    KINDS = ("compile", "eval", "checkpoint")
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter):
+        self.now = now  # tests pass a fake clock
+        self.totals = dict.fromkeys(("train", *self.KINDS), 0.0)
+        self._start, self._aside, self.tokens, self.steps = now(), 0.0, 0, 0
 
     def add(self, tokens: int) -> None:
-        self.tokens += tokens
+        """One train step of `tokens` dispatched in the current interval."""
+        self.tokens, self.steps = self.tokens + tokens, self.steps + 1
 
-    def per_second(self) -> float:
-        return self.tokens / max(time.perf_counter() - self._t0, 1e-9)
+    @contextlib.contextmanager
+    def aside(self, kind: str, wait: Any = None) -> Iterator[None]:
+        """Time the block as `kind`, not training; `wait` (arrays) is waited for first, as training time."""
+        if wait is not None:
+            import jax  # here: `clt status` reads run files through this module and must not import jax
+
+            jax.block_until_ready(wait)
+        t0 = self.now()
+        try:
+            yield
+        finally:
+            spent = self.now() - t0
+            self._aside += spent
+            self.totals[kind] += spent
+
+    def cut(self) -> tuple[int, int]:
+        """Close the interval's count of steps and tokens (its time closes at `interval()`); a new count starts."""
+        counted = self.tokens, self.steps
+        self.tokens, self.steps = 0, 0
+        return counted
+
+    def interval(self, tokens: int, steps: int) -> dict[str, float]:
+        """tokens_per_s and step_s of the interval that ends now (when its last step's metrics arrived)."""
+        now = self.now()
+        train = max(now - self._start - self._aside, 1e-9)
+        self._start, self._aside = now, 0.0
+        self.totals["train"] += train
+        return dict(tokens_per_s=tokens / train, step_s=train / max(steps, 1))
+
+    def restart(self) -> None:
+        """Start the interval now (after the compile), discarding time not yet accounted for."""
+        self._start, self._aside = self.now(), 0.0
+
+    def summary(self) -> dict[str, float]:
+        """Seconds by kind for the run's end events: train, compile, eval, checkpoint."""
+        return {f"{k}_s": round(v, 3) for k, v in self.totals.items()}
 
 
 def log_line(step: int, total: int, phase: str, row: dict) -> str:

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as flax_spmd
 
+from clt.attention import attend, segment_ids
+
 # Dims a preset fixes; every entry can be overridden field by field from the config (step.resolve_dims).
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, rope_theta=10000.0, tie_embeddings=True),
@@ -105,17 +107,25 @@ def param_count(dims: ModelDims) -> int:
     return dims.n_layers * layer + embeddings + d  # + final norm
 
 
-def flops_per_token(dims: ModelDims, seq_len: int) -> float:
-    """Training FLOPs per token by the PaLM paper's appendix B: 6·N + 12·L·n_heads·head_dim·T.
+ATTENTION_FLOPS = "causal"
+"""The attention FLOPs convention of `flops_per_token`, named in the log and in benchmark results."""
 
-    N counts the matmul weights: every param but the norms and the embedding lookup (a gather); the output
-    projection counts once, tied or not. Attention is counted without the causal discount, as PaLM does, so
-    MFU numbers compare with the published ones.
+
+def flops_per_token(dims: ModelDims, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward) as MaxText counts them today:
+    6·N + 6·L·n_heads·head_dim·K.
+
+    N counts the matmul weights: every param but the norms, the biases and the embedding lookup (a gather);
+    the output projection counts once, tied or not. K is the keys a query sees on average in full-length
+    causal attention, half the context (or half a sliding window), so the term is half of PaLM's
+    12·L·H·Q·T: the masked half of the score matrix is not work a flash kernel does. MFU figures by the
+    PaLM convention are higher by that half; `ATTENTION_FLOPS` names the convention wherever MFU is shown.
     """
     n_matmul = param_count(dims) - dims.padded_vocab * dims.d_model * (0 if dims.tie_embeddings else 1)
     n_matmul -= (2 * dims.n_layers + 1) * dims.d_model + 2 * dims.n_layers * dims.head_dim * dims.qk_norm  # norms
     n_matmul -= dims.n_layers * (dims.n_heads + 2 * dims.n_kv_heads) * dims.head_dim * dims.qkv_bias  # biases
-    return 6.0 * n_matmul + 12.0 * dims.n_layers * dims.n_heads * dims.head_dim * seq_len
+    keys = min(seq_len, dims.sliding_window) if dims.sliding_window else seq_len
+    return 6.0 * n_matmul + 12.0 * dims.n_layers * dims.n_heads * dims.head_dim * keys / 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,7 +164,7 @@ def _rope(x_btnh: jax.Array, sin_th: jax.Array, cos_th: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, dims: ModelDims, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dims: ModelDims, *, dtype, param_dtype, kernel: str, rngs: nnx.Rngs):
         d, n, k, h = dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim
         init, out_init = nnx.initializers.normal(0.02), nnx.initializers.normal(0.02 / math.sqrt(2 * dims.n_layers))
         self.q_proj = _param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
@@ -170,8 +180,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, dims.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             self.k_norm = RMSNorm(h, dims.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype, self.qkv_bias, self.qk_norm = dtype, dims.qkv_bias, dims.qk_norm
-        # (left, right) positions each query sees besides itself; None is the whole causal past.
-        self.window = (dims.sliding_window - 1, 0) if dims.sliding_window else None
+        self.window, self.kernel = dims.sliding_window, kernel
 
     def _project(self, x_btd: jax.Array, name: str) -> jax.Array:
         """x @ W (+ bias) for name in q, k, v: heads kept as their own axis."""
@@ -179,14 +188,13 @@ class Attention(nnx.Module):
         out = jnp.einsum("btd,dnh->btnh", x_btd, getattr(self, f"{name}_proj")[...].astype(dt))
         return out + getattr(self, f"{name}_bias")[...].astype(dt) if self.qkv_bias else out
 
-    def __call__(self, x_btd, sin_th, cos_th, mask_b1ts):
+    def __call__(self, x_btd, sin_th, cos_th, seg_bt):
         q_btnh, k_btkh, v_btkh = (self._project(x_btd, name) for name in "qkv")
         if self.qk_norm:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         q_btnh, k_btkh = _rope(q_btnh, sin_th, cos_th), _rope(k_btkh, sin_th, cos_th)
-        # GQA is native here: n heads attend to k = n/g shared key/value heads.
-        out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_b1ts, is_causal=True,
-                                                local_window_size=self.window)
+        # GQA is native in every kernel: n heads attend to k = n/g shared key/value heads.
+        out_btnh = attend(self.kernel, q_btnh, k_btkh, v_btkh, seg_bt=seg_bt, window=self.window)
         return jnp.einsum("btnh,nhd->btd", out_btnh, self.o_proj[...].astype(self.dtype))
 
 
@@ -207,21 +215,21 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, dims: ModelDims, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dims: ModelDims, *, dtype, param_dtype, kernel: str, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm = RMSNorm(dims.d_model, dims.norm_eps, **kw)
-        self.attn = Attention(dims, **kw)
+        self.attn = Attention(dims, kernel=kernel, **kw)
         self.mlp_norm = RMSNorm(dims.d_model, dims.norm_eps, **kw)
         self.mlp = MLP(dims, **kw)
 
-    def __call__(self, x_btd, sin_th, cos_th, mask_b1ts):
-        x_btd = x_btd + self.attn(self.attn_norm(x_btd), sin_th, cos_th, mask_b1ts)
+    def __call__(self, x_btd, sin_th, cos_th, seg_bt):
+        x_btd = x_btd + self.attn(self.attn_norm(x_btd), sin_th, cos_th, seg_bt)
         x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
         return _constrain(x_btd, ("batch", None, None))
 
 
-def _run_block(block: Block, x_btd, sin_th, cos_th, mask_b1ts):
-    return block(x_btd, sin_th, cos_th, mask_b1ts)
+def _run_block(block: Block, x_btd, sin_th, cos_th, seg_bt):
+    return block(x_btd, sin_th, cos_th, seg_bt)
 
 
 class Transformer(nnx.Module):
@@ -231,10 +239,12 @@ class Transformer(nnx.Module):
     block in the backward pass: "full" saves only the block inputs, "dots" also keeps the weight matmul
     outputs. With `doc_mask`, a token attends only to earlier tokens of its own document; a document ends at
     an `eos_id` token, inclusive. RoPE is relative, so no position reset is needed for documents to be exact.
+    `attention` names the kernel (clt/attention.py: xla, cudnn, splash); `step.model_options` picks it.
     """
 
     def __init__(self, dims: ModelDims, *, dtype: jnp.dtype, param_dtype: jnp.dtype = jnp.float32,
-                 remat: str = "none", doc_mask: bool = False, eos_id: int = -1, rngs: nnx.Rngs):
+                 remat: str = "none", doc_mask: bool = False, eos_id: int = -1, attention: str = "xla",
+                 rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; use one of {REMAT_POLICIES}")
         if dims.rope_scaling not in ROPE_SCALINGS:
@@ -245,7 +255,7 @@ class Transformer(nnx.Module):
         d, v = dims.d_model, dims.padded_vocab
         self.embed = _param(rngs, nnx.initializers.normal(0.02), (v, d), ("vocab", "embed"), param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([Block(dims, **kw) for _ in range(dims.n_layers)])
+        self.layers = nnx.List([Block(dims, kernel=attention, **kw) for _ in range(dims.n_layers)])
         self.final_norm = RMSNorm(d, dims.norm_eps, **kw)
         if not dims.tie_embeddings:
             self.unembed = _param(rngs, nnx.initializers.normal(0.02), (d, v), ("embed", "vocab"), param_dtype)
@@ -258,7 +268,7 @@ class Transformer(nnx.Module):
         x_btd = _constrain(jnp.take(embed_vd, tokens_bt, axis=0).astype(self.dtype), ("batch", None, None))
         angle_th = jnp.arange(t, dtype=jnp.float32)[:, None] * rope_frequencies(dims)[None, :]
         sin_th, cos_th = jnp.sin(angle_th), jnp.cos(angle_th)
-        mask_b1ts = self._doc_mask(tokens_bt) if self.doc_mask else None
+        seg_bt = segment_ids(tokens_bt, self.eos_id) if self.doc_mask else None
 
         run = _run_block
         if self.remat == "full":
@@ -266,7 +276,7 @@ class Transformer(nnx.Module):
         elif self.remat == "dots":
             run = nnx.remat(_run_block, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
         for block in self.layers:
-            x_btd = run(block, x_btd, sin_th, cos_th, mask_b1ts)
+            x_btd = run(block, x_btd, sin_th, cos_th, seg_bt)
 
         x_btd = self.final_norm(x_btd)
         if dims.tie_embeddings:
@@ -277,8 +287,3 @@ class Transformer(nnx.Module):
                                     preferred_element_type=jnp.float32)
         # The padding rows are not tokens: they get no logits (and so no probability mass).
         return logits_btv if dims.padded_vocab == dims.vocab_size else logits_btv[..., :dims.vocab_size]
-
-    def _doc_mask(self, tokens_bt: jax.Array) -> jax.Array:
-        is_eos_bt = (tokens_bt == self.eos_id).astype(jnp.int32)
-        doc_bt = jnp.cumsum(is_eos_bt, axis=1) - is_eos_bt  # an EOS belongs to the document it ends
-        return (doc_bt[:, :, None] == doc_bt[:, None, :])[:, None]  # causality comes from is_causal

@@ -185,10 +185,13 @@ def config_changes(old: dict, new: dict) -> dict[str, list]:
     """{dotted field: [old, new]} between the config a checkpoint was saved with and this run's, for the
     fields a resume may change freely (optim.*, checkpoint.*, monitor.*, log.*, mesh.*, eval settings, ...)."""
     a, b = _flatten(old), _flatten(new)
+    defaults = _flatten(Config().to_dict())
     changed = {}
     for k in sorted(a.keys() | b.keys()):
         if any(k == p or k.startswith(p + ".") for p in _NOT_SETTINGS):
             continue
+        if k not in a and k in defaults and b.get(k) == defaults[k]:
+            continue  # a field clt gained since the checkpoint, left at its default: nothing changed
         if a.get(k) != b.get(k):
             changed[k] = [a.get(k), b.get(k)]
     return changed

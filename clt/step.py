@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from clt import sharding
+from clt import attention, sharding
 from clt.config import Config, ConfigError, ModelConfig, OptimConfig
 from clt.loss import token_nll
 from clt.model import PRESETS, VOCAB_MULTIPLE, ModelDims, Transformer
@@ -127,13 +127,18 @@ def compute_dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def model_options(cfg: ModelConfig, eos_id: int) -> dict[str, Any]:
-    """The Transformer's keyword arguments besides its dims, from the config (and the tokenizer's EOS)."""
-    if cfg.doc_mask and eos_id < 0:
+def model_options(cfg: Config, eos_id: int, dims: ModelDims) -> dict[str, Any]:
+    """The Transformer's keyword arguments besides its dims, from the config (and the tokenizer's EOS): the
+    attention kernel is chosen here, for this machine and the run's shape (one-line error if it cannot run)."""
+    model = cfg.model
+    if model.doc_mask and eos_id < 0:
         raise ConfigError("model.doc_mask", True, "the data's tokenizer has no EOS id to split documents at",
                           "set model.doc_mask=False, or prepare the data with a tokenizer that has EOS")
-    return dict(dtype=compute_dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), remat=cfg.remat,
-                doc_mask=cfg.doc_mask, eos_id=eos_id)
+    dtype = compute_dtype(model.dtype)
+    kernel = attention.choose(model.attention, dtype=dtype, seq_len=cfg.data.seq_len, head_dim=dims.head_dim,
+                              doc_mask=model.doc_mask, **attention.device_facts())
+    return dict(dtype=dtype, param_dtype=jnp.dtype(model.param_dtype), remat=model.remat, doc_mask=model.doc_mask,
+                eos_id=eos_id, attention=kernel)
 
 
 def create_model(dims: ModelDims, mesh: jax.sharding.Mesh, *, seed: int, **options: Any) -> Transformer:

@@ -29,9 +29,9 @@ from clt.data.pipeline import (BatchSource, check_data_needed, data_manifest, de
 from clt.data.tokenizer import load_tokenizer
 from clt.evaluate import (evaluate, evaluate_task, load_choice_task, load_eval_sets, make_eval_step,
                           make_score_step)
-from clt.metrics import (JsonlWriter, TensorBoardSink, Throughput, eval_line, log_line, mfu, peak_flops,
+from clt.metrics import (JsonlWriter, StepClock, TensorBoardSink, eval_line, log_line, mfu, peak_flops,
                          read_jsonl)
-from clt.model import flops_per_token, param_count
+from clt.model import ATTENTION_FLOPS, flops_per_token, param_count
 from clt.optim import make_optimizer
 from clt.plan import PhasePlan, resolve
 
@@ -156,7 +156,7 @@ class Run:
 
         # Model and optimizer.
         self.tx = make_optimizer(cfg.optim)
-        options = step.model_options(cfg.model, next(iter(data.values())).train.eos_id)
+        options = step.model_options(cfg, next(iter(data.values())).train.eos_id, dims)
         self.graphdef, params, self.abstract, self.state_sh = step.state_layout(dims, mesh, self.tx, seed=cfg.seed,
                                                                                 **options)
         model = resume.model_record(cfg, dims)
@@ -204,8 +204,9 @@ class Run:
                 self.emit(dict(event="init_from", step=0, source=cfg.model.init_from))
                 log.info("initialised from %s (fresh optimizer, step 0)", cfg.model.init_from)
             self.state = step.init_state(params, self.tx, self.state_sh)
-        log.info("model %s, %.2fM params; plan %s: %d phases, %d steps; workdir %s", cfg.model.preset or "custom",
-                 param_count(dims) / 1e6, plan.digest(), len(plan.phases), plan.total_steps, wd)
+        log.info("model %s, %.2fM params, %s attention; plan %s: %d phases, %d steps; workdir %s",
+                 cfg.model.preset or "custom", param_count(dims) / 1e6, options["attention"], plan.digest(),
+                 len(plan.phases), plan.total_steps, wd)
         self.prepare_step_and_evals()
         return None
 
@@ -242,8 +243,14 @@ class Run:
         rows_sh = jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp")))
         self.put_eval = lambda x: jax.device_put(x, self.batch_sh if x.ndim == 2 else rows_sh)
         self.gap_monitor = monitor.GapMonitor(plan, cfg.monitor)
-        self.peak = peak_flops(jax.devices()[0].device_kind)  # None on devices without a known peak (CPU): no MFU
+        kind = jax.devices()[0].device_kind
+        self.peak = peak_flops(kind)  # None on devices without a known peak (CPU): no MFU
         self.flops_per_token = flops_per_token(self.dims, plan.seq_len)
+        if self.is_main and self.peak:
+            log.info("MFU counts %.1f MFLOP/token (%s attention FLOPs, MaxText's convention) against %.0f TFLOP/s "
+                     "per %s", self.flops_per_token / 1e6, ATTENTION_FLOPS, self.peak / 1e12, kind)
+        elif self.is_main:
+            log.info("no MFU: no dense bf16 peak is known for device kind %r (clt.metrics.PEAK_FLOPS)", kind)
         if self.first > 0:  # the switches before the resume keep their baselines and their already-sent events
             self.gap_monitor.catch_up(read_jsonl(self.wd / "metrics.jsonl"))
 
@@ -258,11 +265,13 @@ class Run:
 
     def run_eval(self, at: int) -> dict:
         """Held-out losses (and tasks) at `at` updates; feeds the gap monitor, whose alerts may stop the run."""
+        self.flush()
         t0, cfg, params = time.perf_counter(), self.cfg, self.state.params
-        row = dict(step=at, phase=self.plan.phase_at(min(at, self.plan.total_steps - 1)).name,
-                   **evaluate(self.eval_fn, params, self.eval_sets, cfg.data.eval_batch, self.put_eval))
-        for task in self.tasks:
-            row.update(evaluate_task(self.score_fn, params, task, cfg.data.eval_batch, self.put_eval))
+        with self.clock.aside("eval", wait=self.state):
+            row = dict(step=at, phase=self.plan.phase_at(min(at, self.plan.total_steps - 1)).name,
+                       **evaluate(self.eval_fn, params, self.eval_sets, cfg.data.eval_batch, self.put_eval))
+            for task in self.tasks:
+                row.update(evaluate_task(self.score_fn, params, task, cfg.data.eval_batch, self.put_eval))
         self.write(row)
         if self.is_main:
             log.info(eval_line(row, time.perf_counter() - t0))
@@ -280,10 +289,12 @@ class Run:
     def save(self, at: int, kind: str, phase: str) -> None:
         """Save the state. Scheduled saves are events of the run (written first, so a kill before the save
         completes drops the event with it on restart); preemption and stop saves are told by their own event."""
+        self.flush()
         if kind not in ("preemption", "stop"):
             self.emit(dict(event="checkpoint", step=at, kind=kind))
         try:
-            self.store.save(at, self.state, meta=dict(self.meta, phase=phase), phase_end=kind == "phase_end")
+            with self.clock.aside("checkpoint", wait=self.state):  # the time the loop is blocked, not the write
+                self.store.save(at, self.state, meta=dict(self.meta, phase=phase), phase_end=kind == "phase_end")
         except checkpoint.NonFiniteState as e:
             raise StopRun(str(e)) from None
         self.save_cadence.mark()
@@ -295,17 +306,22 @@ class Run:
     def release_and_rewind(self, p: PhasePlan) -> None:
         """A branch anneal ends: keep its result as a release checkpoint (<workdir>/releases/<phase>/, evaluated
         as `release/eval/...`), and continue from the state saved at the anneal's start, at eta_const."""
+        self.flush()
         release = checkpoint.CheckpointStore(self.wd / "releases" / p.name, self.cfg.checkpoint)
-        if not release.has(p.end):  # a run killed right after this save redoes it identically: keep the first
-            release.save(p.end, self.state, meta=dict(self.meta, phase=p.name, release=True))
-        release.close()
-        scores = evaluate(self.eval_fn, self.state.params, self.eval_sets, self.cfg.data.eval_batch, self.put_eval)
+        with self.clock.aside("checkpoint", wait=self.state):
+            if not release.has(p.end):  # a run killed right after this save redoes it identically: keep the first
+                release.save(p.end, self.state, meta=dict(self.meta, phase=p.name, release=True))
+            release.close()
+        with self.clock.aside("eval"):
+            scores = evaluate(self.eval_fn, self.state.params, self.eval_sets, self.cfg.data.eval_batch,
+                              self.put_eval)
         self.write(dict(step=p.end, phase=p.name, **{f"release/{k}": v for k, v in scores.items()}))
         self.emit(dict(event="release", step=p.end, phase=p.name, path=f"releases/{p.name}"))  # workdir-relative
         log.info("release %s: annealed model saved to %s; continuing from step %d's state", p.name,
                  self.wd / "releases" / p.name, p.end - p.schedule.anneal)
-        self.store.wait()
-        before = self.store.restore(p.end - p.schedule.anneal, self.abstract, self.state_sh)
+        with self.clock.aside("checkpoint"):
+            self.store.wait()
+            before = self.store.restore(p.end - p.schedule.anneal, self.abstract, self.state_sh)
         self.state = before.replace(step=self.state.step)
 
     def before_phase(self, p: PhasePlan) -> None:
@@ -322,21 +338,33 @@ class Run:
             log.info("phase %s replays %.0f%% from the buffer (%d sequences, %s)", p.name, 100 * p.replay_share,
                      self.source.buffer.fill, self.source.buffer.composition())
 
-    def train_row(self, m: dict, at: int, p: PhasePlan, throughput: Throughput) -> tuple[dict, int]:
-        """The metrics row of a log interval ending with step `at` (its last update's loss and LR), and the
-        number of consecutive skipped updates so far."""
-        m = jax.device_get(m)  # the loop's only host sync
+    def flush(self) -> dict:
+        """Write the pending log row: the metrics of a log interval's last step, read after the next step was
+        dispatched (so the device never idles for a log line), or right away before an eval, a save or the
+        end. Stops the run after `optim.max_skips` consecutive skipped updates."""
+        if self.pending is None:
+            return self.last_row
+        m, at, p, (tokens, steps) = self.pending
+        self.pending = None
+        m = jax.device_get(m)  # the loop's only host sync, one step behind the device
         every = self.cfg.log.every
         interval = range(max((at // every) * every, p.start), at + 1)
         row = dict(step=at, phase=p.name, loss=float(m["loss"]), lr=float(m["lr"]), grad_norm=float(m["grad_norm"]),
-                   tokens_per_s=throughput.per_second(), **self.source.row_counts(interval))
+                   **self.clock.interval(tokens, steps), **self.source.row_counts(interval))
         if int(m["skipped_total"]):
             row["skipped_total"] = int(m["skipped_total"])
         if self.cfg.optim.spike_factor:
             row["loss_ema"] = float(m["loss_ema"])
         if self.peak:
             row["mfu"] = mfu(row["tokens_per_s"], self.flops_per_token, self.peak, jax.device_count())
-        return row, int(m["skips"])
+        self.write(row)
+        if self.is_main:
+            log.info(log_line(at, self.plan.total_steps, p.name, row))
+        self.last_row = row
+        if int(m["skips"]) >= self.cfg.optim.max_skips:
+            raise StopRun(f"{int(m['skips'])} consecutive updates skipped (non-finite or spiking loss) at step {at}; "
+                          "the checkpoint holds the last good state: lower the LR or inspect the data")
+        return row
 
     # ------------------------------------------------------------------------------------------------ The loop
     def loop(self, progress: bool) -> dict:
@@ -348,9 +376,8 @@ class Run:
         self.save_cadence = Cadence(every=cfg.checkpoint.every, minutes=cfg.checkpoint.every_minutes,
                                     at=self.branch_points)
         put = lambda batch: jax.make_array_from_process_local_data(self.batch_sh, batch["tokens"])  # noqa: E731
-        last_row: dict = {}
+        self.last_row, self.pending, self.clock = {}, None, StepClock()
         stop_reason = None
-        throughput = Throughput()
         pbar, redirect = self.progress_bar(progress)
         with sharding.use_mesh(self.mesh), checkpoint.Preemption() as preempt, redirect:
             batches = device_prefetch(iterate(self.source, self.first, total, cfg.data.prefetch, self.before_phase), put)
@@ -364,38 +391,33 @@ class Run:
                         log.info(monitor.describe_switch(plan, switches.get(at, dict(step=at, kind="phase",
                                                                                      phase=p.name))))
                     if at == p.start and at > 0 and p.optimizer == "reset":
+                        self.flush()
                         self.state = step.reset_optimizer(self.state, self.tx, self.state_sh)
                         log.info("phase %s: optimizer state reset", p.name)
                     if eval_cadence.due(at):
                         self.run_eval(at)
 
                     # -------------------------------------------------------------------------------- Update
-                    if at == self.first:
+                    if at == self.first:  # the compile is the first minute of a run: say so, keep it out of tokens/s
                         log.info("compiling the train step (batch %d x %d tokens on %d devices)...", p.batch_size,
                                  plan.seq_len, self.mesh.size)
-                        t_compile = time.perf_counter()
-                    self.state, m = self.step_fn(self.state, batch)
-                    throughput.add(p.batch_size * plan.seq_len)
-                    if at == self.first:  # the compile is the first minute of a run: say so, keep it out of tokens/s
-                        jax.block_until_ready(m["loss"])
-                        log.info("train step compiled and run in %.1fs", time.perf_counter() - t_compile)
-                        throughput.reset()
+                        with self.clock.aside("compile"):
+                            self.state, m = self.step_fn(self.state, batch)
+                            jax.block_until_ready(m["loss"])
+                        log.info("train step compiled and run in %.1fs", self.clock.totals["compile"])
+                        self.clock.restart()
+                    else:
+                        self.state, m = self.step_fn(self.state, batch)
+                        self.clock.add(p.batch_size * plan.seq_len)
+                    self.flush()  # the last interval's row: its step finished while this one was being queued
                     done = at + 1
                     if pbar is not None:
                         pbar.update(1)
 
                     # -------------------------------------------------------------------------------- Log
                     log_now = log_cadence.due(done)
-                    if log_now:
-                        last_row, skips = self.train_row(m, at, p, throughput)
-                        self.write(last_row)
-                        if self.is_main:
-                            log.info(log_line(at, total, p.name, last_row))
-                        throughput.reset()
-                        if skips >= cfg.optim.max_skips:
-                            raise StopRun(f"{skips} consecutive updates skipped (non-finite or spiking loss) at step "
-                                          f"{at}; the checkpoint holds the last good state: lower the LR or inspect "
-                                          "the data")
+                    if log_now:  # written by the next flush(), after the next step is dispatched
+                        self.pending = (m, at, p, self.clock.cut())
 
                     # -------------------------------------------------------------------------------- Save
                     if debug.kill_at_step == done and not debug.kill_in_save:
@@ -403,6 +425,7 @@ class Run:
                     if done == p.end and p.schedule.kind == "infinite" and p.schedule.branch:
                         self.release_and_rewind(p)
                     if done == p.end:
+                        last_row = self.flush()
                         if done == total:  # the final eval (other phase ends are evaluated as the next baseline)
                             try:
                                 self.run_eval(done)
@@ -424,15 +447,16 @@ class Run:
                     if preempt.agreed(done, at_boundary=log_now):
                         if not self.store.has(done):
                             self.save(done, "preemption", p.name)
-                        self.store.wait()
+                        with self.clock.aside("checkpoint"):
+                            self.store.wait()
                         log.warning("preempted: saved step %d; resume with the same command (clt train CONFIG "
                                     "--workdir %s)", done, wd)
-                        self.emit(dict(event="preempted", step=done))
+                        self.emit(dict(event="preempted", step=done, time=self.clock.summary()))
                         stop_reason = "preempted"
                         break
             except StopRun as e:  # alerts with on_alert=stop, repeated skips, a non-finite state
                 stop_reason = str(e)
-        return self.finish(stop_reason, last_row, pbar)
+        return self.finish(stop_reason, pbar)
 
     def save_due(self, done: int, log_now: bool) -> bool:
         """Whether to save after step `done`. Steps due by number are the same on every host; the clock of
@@ -457,8 +481,14 @@ class Run:
         pbar = tqdm(total=self.plan.total_steps, initial=self.first, unit="step", dynamic_ncols=True, leave=False)
         return pbar, logging_redirect_tqdm(loggers=[log])
 
-    def finish(self, stop_reason: str | None, last_row: dict, pbar: Any) -> dict:
-        """After the loop: a stopped run saves its last good state; the final buffer; files closed."""
+    def finish(self, stop_reason: str | None, pbar: Any) -> dict:
+        """After the loop: the last pending row; a stopped run saves its last good state; the final buffer; the
+        time spent by kind; files closed."""
+        try:
+            self.flush()
+        except StopRun as e:
+            stop_reason = stop_reason or str(e)
+        last_row, timing = self.last_row, self.clock.summary()
         done, total = int(self.state.step), self.plan.total_steps
         if stop_reason and stop_reason != "preempted":
             if not self.store.has(done) and math.isfinite(last_row.get("loss", 0.0)):
@@ -466,14 +496,17 @@ class Run:
                     self.save(done, "stop", self.plan.phase_at(max(done - 1, 0)).name)
                 except StopRun as e:
                     log.warning("%s", e)
-            self.emit(dict(event="stopped", step=done, reason=stop_reason))
+            self.emit(dict(event="stopped", step=done, reason=stop_reason, time=timing))
             log.error("run stopped at step %d: %s", done, stop_reason)
         if self.buffer is not None and self.is_main and done == total:
             self.buffer.snapshot(total)  # the final buffer, ready for `clt replay export`
         self.store.close()
         if done == total and not stop_reason:
-            self.emit(dict(event="finished", step=total))
+            self.emit(dict(event="finished", step=total, time=timing))
             log.info("finished: %d steps in %s", total, self.wd)
+        if self.is_main:
+            log.info("time: train steps %.1fs, eval %.1fs, checkpoints %.1fs, compile %.1fs", timing["train_s"],
+                     timing["eval_s"], timing["checkpoint_s"], timing["compile_s"])
         if pbar is not None:
             pbar.close()
         for sink in self.sinks:

@@ -6,7 +6,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from clt import checkpoint, config, train
-from clt.metrics import read_jsonl
+from clt.metrics import TIMING_FIELDS, read_jsonl
 
 INF = dict(kind="infinite", warmup=2, peak=3e-3, const=1e-3, end=1e-4, cooldown=4)
 
@@ -60,7 +60,7 @@ def test_release_holds_the_anneal_and_the_next_phase_starts_from_before_it(branc
 def test_resume_inside_the_branch_anneal_is_bit_exact(demo_data, branched, tmp_path):
     train.train(branch_cfg(demo_data, preempt_at_step=10), str(tmp_path), progress=False)
     train.train(branch_cfg(demo_data), str(tmp_path), progress=False)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in rows  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_FIELDS | {"time"}} for r in rows  # noqa: E731
                           if r.get("event") not in ("resume", "preempted")]
     assert strip(read_jsonl(tmp_path / "metrics.jsonl")) == strip(read_jsonl(branched / "metrics.jsonl"))
     assert strip(read_jsonl(tmp_path / "events.jsonl")) == strip(read_jsonl(branched / "events.jsonl"))

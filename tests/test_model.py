@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from clt.config import ConfigError, ModelConfig
+from clt.config import Config, ConfigError, ModelConfig
 from clt.model import PRESETS, ModelDims, Transformer, flops_per_token, param_count
 from clt.step import model_options, resolve_dims
 
@@ -94,7 +94,7 @@ def test_a_packed_document_reads_as_if_alone():
 def test_doc_mask_needs_an_eos_id():
     # the config says which field to change when the data's tokenizer has no EOS ...
     with pytest.raises(ConfigError, match=r"model.doc_mask = True: the data's tokenizer has no EOS id"):
-        model_options(ModelConfig(doc_mask=True), eos_id=-1)
+        model_options(Config(model=ModelConfig(doc_mask=True)), eos_id=-1, dims=tiny())
     # ... and the model itself refuses to mask without one (it knows no config)
     with pytest.raises(ValueError, match=r"doc_mask needs the tokenizer's EOS id, got eos_id=-1"):
         build(tiny(), doc_mask=True)
@@ -115,14 +115,28 @@ def test_param_count_formula_matches_model(changes):
     assert hasattr(m, "unembed") == (not dims.tie_embeddings)
 
 
-def test_flops_per_token_grows_by_the_attention_term():
-    dims = tiny()
-    f128, f256 = flops_per_token(dims, 128), flops_per_token(dims, 256)
-    attention = 12 * 2 * 4 * 16  # 12 * layers * heads * head_dim, per token of context
-    assert f128 == 6 * (param_count(dims) - 5 * 64) + attention * 128  # all but the 5 norms (tied output)
-    assert f256 - f128 == attention * 128
-    untied = tiny(tie_embeddings=False)  # the embedding lookup is no matmul
-    assert flops_per_token(untied, 128) == 6 * (param_count(untied) - VOCAB * 64 - 5 * 64) + attention * 128
+def maxtext_flops_per_token(d: ModelDims, seq: int) -> float:
+    """MaxText's calculate_tflops_training_per_device for a dense Llama block, divided by the tokens of a step:
+    ((ffn + qkv + projection) * layers + embedding) * 3 + causal attention * layers * 3, where causal attention
+    is half of 4·B·S²·heads·head_dim. Written out here from MaxText's terms, independently of clt's N."""
+    B, S, E = 1, seq, d.d_model
+    ffn = 2 * B * S * d.d_ff * E * 2 + 2 * B * S * d.d_ff * E  # gate and up (silu, linear), then down
+    qkv = 2 * B * S * E * (d.n_heads + 2 * d.n_kv_heads) * d.head_dim
+    projection = 2 * B * S * E * d.n_heads * d.head_dim
+    embedding = 2 * B * S * E * d.padded_vocab
+    causal_attention = 4 * B * S ** 2 * d.n_heads * d.head_dim / 2
+    return (((ffn + qkv + projection) * d.n_layers + embedding) * 3 + causal_attention * d.n_layers * 3) / (B * S)
+
+
+@pytest.mark.parametrize("changes", [{}, dict(tie_embeddings=False), dict(n_kv_heads=1, n_layers=3)])
+def test_flops_per_token_is_maxtexts_causal_count(changes):
+    dims = tiny(**changes)
+    for seq in (128, 256, 2048):
+        assert flops_per_token(dims, seq) == pytest.approx(maxtext_flops_per_token(dims, seq), rel=1e-12)
+    # The attention term is half of PaLM's 12·L·H·Q·T: doubling the context adds 6·L·H·Q per token of context.
+    assert flops_per_token(dims, 256) - flops_per_token(dims, 128) == 6 * dims.n_layers * 4 * 16 * 128
+    windowed = tiny(sliding_window=64, **changes)  # a query sees at most 64 keys: the term stops growing
+    assert flops_per_token(windowed, 2048) == flops_per_token(windowed, 64) == flops_per_token(dims, 64)
 
 
 def loss_and_grads(m: Transformer):

@@ -8,7 +8,7 @@ from conftest import SMOKE, smoke_overrides
 
 from clt import config, plan, replay, train
 from clt.config import ConfigError
-from clt.metrics import read_jsonl
+from clt.metrics import TIMING_FIELDS, read_jsonl
 from clt.mixture import MixtureSchedule
 
 
@@ -93,7 +93,7 @@ def test_buffer_survives_resume_bit_exactly(demo_data, tmp_path):
                 progress=False)
     shutil.rmtree(resumed / "replay")  # snapshots are recomputed from (seed, plan, step) on resume
     train.train(cfg, str(resumed), progress=False)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s",)} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]  # noqa: E731
     assert strip(read_jsonl(straight / "metrics.jsonl")) == strip(read_jsonl(resumed / "metrics.jsonl"))
     for step in (22, 28):
         a, b = (replay.BufferSnapshot(w / "replay" / f"step-{step}") for w in (straight, resumed))

@@ -69,6 +69,11 @@ def test_settings_changes_are_listed_but_plan_and_debug_fields_are_not():
                model=dict(init_from="ckpt:z"))
     assert resume.config_changes(old, new) == {"optim.weight_decay": [0.1, 0.05], "data.eval_batch": [16, 8],
                                                "data.domains": [{"a": "x"}, {"a": "x", "b": "y"}]}
+    # A field clt gained after the checkpoint was written (absent from its record) is a change only when this run
+    # sets it to something other than its default.
+    assert resume.config_changes(old, dict(old, model=dict(init_from="", attention="auto"))) == {}
+    assert resume.config_changes(old, dict(old, model=dict(init_from="", attention="xla"))) == {
+        "model.attention": [None, "xla"]}
 
 
 def test_truncate_from_drops_rows_at_or_after_the_step_unless_kept(tmp_path):

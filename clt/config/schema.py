@@ -203,6 +203,10 @@ class PhaseConfig:
             self.upsample.check(f"{path}.upsample")
 
 
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "splash")
+"""`model.attention` values; each but auto names a kernel of clt/attention.py."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Llama-family decoder. `preset` fills the shape; explicit fields override it (see model.PRESETS)."""
@@ -247,6 +251,9 @@ class ModelConfig:
     """Activation checkpointing per layer: none | full | dots (save matmul outputs only)."""
     doc_mask: bool = False
     """Mask attention at document boundaries (EOS) inside packed sequences."""
+    attention: str = "auto"
+    """Attention kernel (clt/attention.py): auto (splash on TPU, cuDNN flash on GPU where the shape allows, XLA
+    otherwise) | xla | cudnn | splash. Numerics only: a resume may change it."""
     init_from: str = ""
     """Start from these weights: "ckpt:WORKDIR[@STEP]" (a clt run) or "hf:DIR"; fresh optimizer, step 0."""
 
@@ -266,6 +273,9 @@ class ModelConfig:
             allowed = ("auto", "float32", "bfloat16") if name == "dtype" else ("float32", "bfloat16")
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{path}.{name}", getattr(self, name), "unknown dtype", f"use one of {allowed}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ConfigError(f"{path}.attention", self.attention, "unknown attention implementation",
+                              f"use one of {ATTENTION_CHOICES}")
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"{path}.remat", self.remat, "unknown remat policy", "use none, full or dots")
         if self.rope_scaling not in ("none", "llama3"):
