@@ -366,7 +366,7 @@ def check_init_source(spec: str, path: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from clt import config, launch
-    from clt.metrics import TensorBoardSink
+    from clt.metrics import TensorBoardSink, WandbSink
 
     # Joins the job's other processes, if any, before any other JAX call: the flags, else the environment.
     job = launch.job_env(args.coordinator, args.num_processes, args.process_id)
@@ -384,6 +384,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_init_source(cfg.model.init_from, "model.init_from")
     if cfg.log.tensorboard:
         TensorBoardSink.require()
+    if cfg.log.wandb.enabled:
+        WandbSink.require(cfg.log.wandb.project)
 
     from clt import train
     from clt.checkpoint import NoUsableCheckpoint

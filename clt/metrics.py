@@ -3,19 +3,24 @@ line of each log interval, and the throughput and MFU those lines report.
 
 Every logged or evaluated value is one JSON object with its `step` and `phase`; switches, alerts, resumes and
 checkpoints are events. Lines are flushed as written, so a crash loses at most the line being written, and
-readers skip a torn last line. TensorBoard is an optional extra sink.
+readers skip a torn last line. TensorBoard and Weights & Biases are optional extra sinks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
+import logging
 import math
 import pathlib
 import time
+import uuid
 from typing import Any, Callable, Iterator
 
-from clt.config import ConfigError
+from clt.config import ConfigError, WandbConfig
+
+log = logging.getLogger("clt")
 
 
 def _clean(v: Any) -> Any:
@@ -91,7 +96,7 @@ class TensorBoardSink:
         """A ConfigError naming `log.tensorboard` when tensorboardX is missing: `clt train` calls it before
         any heavy work, so the run does not fail after compiling."""
         try:
-            import tensorboardX  # noqa: F401
+            importlib.import_module("tensorboardX")
         except ImportError as e:
             raise ConfigError("log.tensorboard", True, f"needs the tensorboardX package, which does not import ({e})",
                               "pip install tensorboardX (or set log.tensorboard=False)") from None
@@ -103,6 +108,120 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self._writer.close()
+
+
+WANDB_ID_FILE = "wandb/clt-run-id"
+"""Workdir-relative file holding the id of the workdir's W&B run: every `clt train` of the workdir continues it."""
+
+
+def wandb_run_id(workdir: str | pathlib.Path) -> str:
+    """The W&B run id of `workdir`, made (and kept in WANDB_ID_FILE) by its first run with W&B on. A copied
+    workdir continues the same W&B run: delete the file to start a new one."""
+    path = pathlib.Path(workdir) / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:16]
+    write_atomic(path, run_id + "\n")
+    return run_id
+
+
+class WandbSink:
+    """A run's metrics rows and events to Weights & Biases (`log.wandb`; needs `pip install 'clt[wandb]'`).
+
+    One W&B run per workdir: its id lives in <workdir>/wandb/clt-run-id and `wandb.init(resume="allow")`
+    continues it, so the invocations of a preempted and resumed run land in one W&B run. The resolved config
+    (with the plan under `plan`) is the run's config; plan.json, events.jsonl and metrics.jsonl are its files.
+
+    Steps: W&B's own `_step` is a row counter that may only increase, while clt's rows are keyed by the
+    training step: an eval row and a train row share a step, a phase end has a train row, an eval row and a
+    release row at one step, and a resumed run logs again the steps after its checkpoint. So each row is one
+    `wandb.log` call without `step=` (W&B counts `_step` itself, continuing it on an online resume) and the
+    row's own `step` is a metric that `define_metric` makes the x-axis of every other one: charts are over
+    training steps, nothing is dropped for going back, and a step logged again is drawn over its first values
+    (the same unless a setting changed at the resume). metrics.jsonl, one row per step, stays the reference.
+
+    Events are rows too: `event/<name>` = 1 at the event's step (markers on the same x-axis) and `event`, the
+    events.jsonl line as JSON text. An `alert` is also a W&B alert (W&B can mail or Slack it), `preempted`
+    marks the run as preempting, and `stopped` finishes it with exit code 1.
+
+    W&B never stops training: a failing call (init, log, finish) is a warning in the log and the run goes on.
+    """
+
+    MAX_WARNINGS = 5
+    """Failed W&B calls reported one by one; later ones are counted and reported at `close`."""
+
+    def __init__(self, workdir: str | pathlib.Path, cfg: WandbConfig, config: dict):
+        self.require(cfg.project)
+        import wandb
+
+        wd = pathlib.Path(workdir)
+        self.exit_code, self.failures, self.run = 0, 0, None
+        self._wandb = wandb
+        directory = pathlib.Path(cfg.dir) if cfg.dir else wd
+        directory.mkdir(parents=True, exist_ok=True)
+        self.run = self._call("init", lambda: wandb.init(
+            project=cfg.project, entity=cfg.entity or None, group=cfg.group or None, name=cfg.name or wd.resolve().name,
+            tags=list(cfg.tags), mode=cfg.mode, dir=str(directory), config=config, id=wandb_run_id(wd),
+            resume="allow", reinit="finish_previous"))
+        if self.run is None:
+            return
+        self._call("define_metric", lambda: (self.run.define_metric("step"),
+                                             self.run.define_metric("*", step_metric="step")))
+        for name, policy in (("plan.json", "now"), ("events.jsonl", "live"), ("metrics.jsonl", "end")):
+            if (wd / name).exists():
+                self._call("save", lambda: self.run.save(str(wd / name), base_path=str(wd), policy=policy))
+
+    @staticmethod
+    def require(project: str) -> None:
+        """A ConfigError naming `log.wandb.project` when wandb is missing: `clt train` calls it before any
+        heavy work, so the run does not fail after compiling."""
+        try:
+            importlib.import_module("wandb")
+        except Exception as e:  # noqa: BLE001 - ImportError, or a broken install (a protobuf mismatch)
+            raise ConfigError("log.wandb.project", project, f"needs the wandb package, which does not import ({e})",
+                              "pip install 'clt[wandb]' (or set log.wandb.project='' for no W&B)") from None
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """`fn()`, or None and a warning when it raises: W&B is never a reason for a run to fail."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            self.failures += 1
+            if self.failures <= self.MAX_WARNINGS:
+                more = "; later failures are counted, not shown" if self.failures == self.MAX_WARNINGS else ""
+                log.warning("W&B %s failed (%s: %s); training continues, metrics.jsonl has every row%s", what,
+                            type(e).__name__, e, more)
+            return None
+
+    def write(self, row: dict) -> None:
+        if self.run is not None:
+            self._call("log", lambda: self.run.log(dict(row)))
+
+    def event(self, event: dict) -> None:
+        if self.run is None:
+            return
+        name = str(event.get("event", "event"))
+        line = json.dumps({k: _clean(v) for k, v in event.items()})
+        self._call("log", lambda: self.run.log({"step": event.get("step", 0), f"event/{name}": 1, "event": line}))
+        if name == "alert":
+            self._call("alert", lambda: self.run.alert(title=f"clt {event.get('alert', 'alert')} alert",
+                                                       text=str(event.get("message", line)),
+                                                       level=self._wandb.AlertLevel.WARN))
+        elif name == "preempted":
+            self._call("mark_preempting", self.run.mark_preempting)
+        elif name == "stopped":
+            self.exit_code = 1
+
+    def close(self, exit_code: int | None = None) -> None:
+        """Finish the W&B run (exit code 1 after a `stopped` event or when given); a second call does nothing."""
+        run, self.run = self.run, None
+        if run is not None:
+            code = self.exit_code if exit_code is None else exit_code
+            self._call("finish", lambda: run.finish(exit_code=code))
+        if self.failures > self.MAX_WARNINGS:
+            log.warning("W&B: %d calls failed in all", self.failures)
+            self.failures = 0
 
 
 # ----------------------------------------------------------------------------------------------------------

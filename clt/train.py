@@ -29,8 +29,8 @@ from clt.data.pipeline import (BatchSource, check_data_needed, data_manifest, de
 from clt.data.tokenizer import load_tokenizer
 from clt.evaluate import (evaluate, evaluate_task, load_choice_task, load_eval_sets, make_eval_step,
                           make_score_step)
-from clt.metrics import (JsonlWriter, StepClock, TensorBoardSink, eval_line, log_line, mfu, peak_flops,
-                         read_jsonl)
+from clt.metrics import (JsonlWriter, StepClock, TensorBoardSink, WandbSink, eval_line, log_line, mfu,
+                         peak_flops, read_jsonl)
 from clt.model import ATTENTION_FLOPS, flops_per_token, param_count
 from clt.optim import make_optimizer
 from clt.plan import PhasePlan, resolve
@@ -77,12 +77,15 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, accept_cha
     if init_from:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=init_from))
     lock = resume.WorkdirLock(wd).acquire() if jax.process_index() == 0 else None
+    run = None
     try:
         checkpoint.check_shared_workdir(wd)
         run = Run(cfg, wd)
         finished = run.start(accept_changed_past)  # a finished run has nothing left to train
         return finished if finished is not None else run.loop(progress)
     except BaseException:
+        if run is not None and run.wandb is not None:
+            run.wandb.close(exit_code=1)  # the W&B run ends as failed, not left running until the process exits
         # Nothing half-written stays behind (a full disk, a crash in a save): the next run resumes from the last
         # complete checkpoint either way, and a leftover temporary folder only takes space the disk may lack.
         checkpoint.remove_partial_saves(wd / "checkpoints")
@@ -133,6 +136,7 @@ class Run:
         self.cfg, self.wd, self.is_main = cfg, wd, jax.process_index() == 0
         self.sinks: list = []  # process 0 writes the run's files
         self.events: JsonlWriter | None = None
+        self.wandb: WandbSink | None = None  # also in sinks; it receives the events too
 
     # ------------------------------------------------------------------------------------------------ Setup
     def start(self, accept_changed_past: bool) -> dict | None:
@@ -153,6 +157,8 @@ class Run:
                  jax.process_count())
         if self.is_main and cfg.log.tensorboard:  # optional sinks open first: a missing package fails early
             self.sinks.append(TensorBoardSink(wd / "tb"))
+        if self.is_main and cfg.log.wandb.enabled:  # opened with the run files, once the plan is resolved
+            WandbSink.require(cfg.log.wandb.project)
 
         # Model and optimizer.
         self.tx = make_optimizer(cfg.optim)
@@ -228,6 +234,11 @@ class Run:
             resume.write_record(self.wd, self.plan, manifest, self.cfg)
             self.sinks.insert(0, JsonlWriter(self.wd / "metrics.jsonl"))
             self.events = JsonlWriter(self.wd / "events.jsonl")
+            if self.cfg.log.wandb.enabled:
+                config = dict(self.meta["config"], plan=dict(self.meta["plan"], digest=self.meta["digest"]),
+                              workdir=str(self.wd.resolve()))
+                self.wandb = WandbSink(self.wd, self.cfg.log.wandb, config)
+                self.sinks.append(self.wandb)
 
     def prepare_step_and_evals(self) -> None:
         """The compiled update, the eval and task steps, the gap monitor (caught up on a resume), the MFU terms."""
@@ -258,6 +269,8 @@ class Run:
     def emit(self, event: dict) -> None:
         if self.events is not None:
             self.events.write(event)
+        if self.wandb is not None:
+            self.wandb.event(event)
 
     def write(self, row: dict) -> None:
         for sink in self.sinks:

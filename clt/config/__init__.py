@@ -25,6 +25,7 @@ from clt.config.schema import (
     ReplayBufferConfig,
     ReplayConfig,
     UpsampleConfig,
+    WandbConfig,
     check_init_from,
     check_schedule,
     config_fields,
@@ -36,7 +37,7 @@ from clt.config.schema import (
 __all__ = [
     "ARCH_FIELDS", "REPO_ROOT", "BudgetConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DebugConfig",
     "LogConfig", "MeshConfig", "Mixture", "ModelConfig", "MonitorConfig", "OptimConfig", "PhaseConfig",
-    "ReplayBufferConfig", "ReplayConfig", "UpsampleConfig", "apply_overrides", "build", "check_init_from",
+    "ReplayBufferConfig", "ReplayConfig", "UpsampleConfig", "WandbConfig", "apply_overrides", "build", "check_init_from",
     "check_schedule", "config_fields", "did_you_mean", "from_dict", "load", "load_raw", "normalise_mixture",
     "parse_count", "parse_value", "preset_names",
 ]

@@ -26,6 +26,7 @@ from clt.config.schema import (
     PhaseConfig,
     ReplayConfig,
     UpsampleConfig,
+    WandbConfig,
     config_fields,
     did_you_mean,
     normalise_mixture,
@@ -96,6 +97,7 @@ _PRE = {  # field-specific conversions applied before generic typing
     (BudgetConfig, "tokens"): lambda v, p: None if v is None else parse_count(v, p),
     (BudgetConfig, "steps"): lambda v, p: None if v is None else parse_count(v, p),
     (DataConfig, "domains"): lambda v, p: _domains(v, p),
+    (WandbConfig, "tags"): lambda v, p: (v,) if isinstance(v, str) else v,  # log.wandb.tags=baseline: one tag
 }
 
 

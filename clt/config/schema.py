@@ -462,15 +462,66 @@ class ReplayBufferConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases experiment tracking (clt/metrics.py `WandbSink`; needs `pip install 'clt[wandb]'`).
+
+    Process 0 sends every metrics row, every event, the resolved config and the plan to one W&B run per
+    workdir: its id is kept in <workdir>/wandb/clt-run-id, so a resumed `clt train` continues the same run."""
+
+    project: str = ""
+    """W&B project; "" = W&B off (the other fields may still be set, e.g. by a sweep)."""
+    entity: str = ""
+    """W&B entity (user or team); "" = the account's default."""
+    group: str = ""
+    """Groups runs in the W&B UI; a sweep sets it to the sweep's name."""
+    name: str = ""
+    """The run's display name; "" = the workdir's folder name."""
+    tags: tuple[str, ...] = ()
+    """Tags of the run (a sweep tags each run with its axis values); a single string is one tag."""
+    mode: str = "online"
+    """online: send as it trains. offline: write to the W&B folder only, upload later with `wandb sync`.
+    disabled: W&B off."""
+    dir: str = ""
+    """Folder W&B writes its files into (its wandb/ subfolder); "" = the workdir."""
+
+    def check(self, path: str) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ConfigError(f"{path}.mode", self.mode, "unknown W&B mode", f"use one of {', '.join(WANDB_MODES)}")
+        bad = sorted(set(self.project) & set(_WANDB_PROJECT_BAD))
+        if bad or len(self.project) > 128:
+            raise ConfigError(f"{path}.project", self.project, "not a W&B project name" + (
+                f" (it cannot contain {' '.join(bad)})" if bad else " (at most 128 characters)"),
+                "use letters, digits, - and _")
+        if len(self.group) > 128:
+            raise ConfigError(f"{path}.group", self.group, "a W&B group has at most 128 characters",
+                              "use a shorter group")
+        for i, tag in enumerate(self.tags):
+            if not tag.strip() or len(tag) > 64:
+                raise ConfigError(f"{path}.tags.{i}", tag, "a W&B tag has 1 to 64 characters",
+                                  "use short tags, e.g. ('lr=3e-4', 'replay=0.25')")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.project) and self.mode != "disabled"
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+_WANDB_PROJECT_BAD = "/\\#?%:"
+
+
+@dataclass(frozen=True)
 class LogConfig:
     every: int = 10
     """Steps between log lines (the only host synchronisation in the loop)."""
     tensorboard: bool = False
     """Also write TensorBoard event files to <workdir>/tb (needs the tensorboardX package)."""
+    wandb: WandbConfig = WandbConfig()
+    """Weights & Biases: set wandb.project to send the run there (see WandbConfig)."""
 
     def check(self, path: str) -> None:
         if self.every <= 0:
             raise ConfigError(f"{path}.every", self.every, "must be positive", "use e.g. 10")
+        self.wandb.check(f"{path}.wandb")
 
 
 @dataclass(frozen=True)
