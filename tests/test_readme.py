@@ -43,6 +43,8 @@ SKIP = {
     "clt launch gke configs/demo.py batch_size=64 data.eval_batch=32 --workdir gs://my-bucket/clt/runs/demo "
     "--accelerator tpu-v5p-64 --image us-docker.pkg.dev/my-project/clt/clt:1":
         "submits to a GKE cluster; the same command with --dry-run runs here",
+    "wandb sync runs/tracked/wandb/offline-run-*":
+        "uploads to W&B (the network and an API key); tests/test_wandb.py reads the offline files it would send",
 }
 
 SMOKE_SIZE = ("model.preset=tiny data.seq_len=32 data.block_rows=64 data.eval_sequences=8 data.eval_batch=8 "
