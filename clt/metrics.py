@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import pathlib
 import time
 import uuid
@@ -160,10 +161,11 @@ class WandbSink:
         self._wandb = wandb
         directory = pathlib.Path(cfg.dir) if cfg.dir else wd
         directory.mkdir(parents=True, exist_ok=True)
+        mode = cfg.mode or os.environ.get("WANDB_MODE") or None  # read here: W&B reads it once per process
         self.run = self._call("init", lambda: wandb.init(
-            project=cfg.project, entity=cfg.entity or None, group=cfg.group or None, name=cfg.name or wd.resolve().name,
-            tags=list(cfg.tags), mode=cfg.mode, dir=str(directory), config=config, id=wandb_run_id(wd),
-            resume="allow", reinit="finish_previous"))
+            project=cfg.project, entity=cfg.entity or None, group=cfg.group or None,
+            name=cfg.name or wd.resolve().name, tags=list(cfg.tags), mode=mode, dir=str(directory), config=config,
+            id=wandb_run_id(wd), resume="allow", reinit="finish_previous"))
         if self.run is None:
             return
         self._call("define_metric", lambda: (self.run.define_metric("step"),

@@ -217,6 +217,16 @@ def test_alerts_preemption_and_stops_reach_wandb(wandb_env, tmp_path):
                                                                       dict(event="stopped", step=5, reason="x")]
 
 
+def test_an_empty_mode_is_wandb_s_default_from_the_environment(wandb_env, tmp_path, monkeypatch):
+    """log.wandb.mode="" (the default) leaves the mode to W&B: a cluster's WANDB_MODE=offline is honoured."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sink = WandbSink(tmp_path, config.WandbConfig(project="test"), {})
+    assert sink.run is not None
+    sink.close()
+    (records,) = offline_runs(tmp_path)
+    assert of_type(records, "run")[0].project == "test"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Configuration errors: one line, before any heavy work.
 # ----------------------------------------------------------------------------------------------------------
@@ -242,8 +252,8 @@ def test_a_missing_wandb_package_is_one_line_naming_the_field_and_the_fix(demo_d
 
 def test_wandb_fields_are_checked_by_the_schema(demo_data, capsys):
     for override, pattern in (
-            ("log.wandb.mode=onlin", r"^log.wandb.mode = 'onlin': unknown W&B mode; use one of online, offline, "
-                                     r"disabled$"),
+            ("log.wandb.mode=onlin", r"^log.wandb.mode = 'onlin': unknown W&B mode; use online, offline or "
+                                     r"disabled \(or '' for \$WANDB_MODE, else online\)$"),
             ("log.wandb.project=team/proj", r"^log.wandb.project = 'team/proj': not a W&B project name \(it "
                                             r"cannot contain /\)"),
             ("log.wandb.tags=('ok', '')", r"^log.wandb.tags.1 = '': a W&B tag has 1 to 64 characters"),
@@ -253,7 +263,8 @@ def test_wandb_fields_are_checked_by_the_schema(demo_data, capsys):
     rc = cli.main(["train", str(SMOKE), "--workdir", "/nonexistent/w", "log.wandb.mode=bogus"])
     err = capsys.readouterr().err
     assert rc == 2 and err.strip().splitlines() == [
-        "clt: error: log.wandb.mode = 'bogus': unknown W&B mode; use one of online, offline, disabled"]
+        "clt: error: log.wandb.mode = 'bogus': unknown W&B mode; use online, offline or disabled (or '' for "
+        "$WANDB_MODE, else online)"]
     one = smoke_config(demo_data, "log.wandb.tags=baseline", "log.wandb.group=g")
     assert one.log.wandb.tags == ("baseline",)
     assert not one.log.wandb.enabled  # a group and tags (a sweep sets them) without a project: W&B off

@@ -478,15 +478,17 @@ class WandbConfig:
     """The run's display name; "" = the workdir's folder name."""
     tags: tuple[str, ...] = ()
     """Tags of the run (a sweep tags each run with its axis values); a single string is one tag."""
-    mode: str = "online"
+    mode: str = ""
     """online: send as it trains. offline: write to the W&B folder only, upload later with `wandb sync`.
-    disabled: W&B off."""
+    disabled: W&B off. "" = W&B's default: the WANDB_MODE variable (clusters without internet set offline),
+    else online."""
     dir: str = ""
     """Folder W&B writes its files into (its wandb/ subfolder); "" = the workdir."""
 
     def check(self, path: str) -> None:
         if self.mode not in WANDB_MODES:
-            raise ConfigError(f"{path}.mode", self.mode, "unknown W&B mode", f"use one of {', '.join(WANDB_MODES)}")
+            raise ConfigError(f"{path}.mode", self.mode, "unknown W&B mode",
+                              "use online, offline or disabled (or '' for $WANDB_MODE, else online)")
         bad = sorted(set(self.project) & set(_WANDB_PROJECT_BAD))
         if bad or len(self.project) > 128:
             raise ConfigError(f"{path}.project", self.project, "not a W&B project name" + (
@@ -505,7 +507,7 @@ class WandbConfig:
         return bool(self.project) and self.mode != "disabled"
 
 
-WANDB_MODES = ("online", "offline", "disabled")
+WANDB_MODES = ("", "online", "offline", "disabled")
 _WANDB_PROJECT_BAD = "/\\#?%:"
 
 
