@@ -58,7 +58,8 @@ def cfg_steps(cfg: config.Config) -> int:
     return sum(p.steps for p in cfg.phases)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, `config` filled in; a bad option is one line and exit 2."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="configs/smoke.py instead of the demo (~30 s)")
     p.add_argument("--config", help="the config to train (default configs/demo.py; --quick: configs/smoke.py)")
@@ -68,6 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick and args.config:
         p.error("--quick trains configs/smoke.py; drop --config or --quick")
     args.config = args.config or str(REPO / "configs" / ("smoke.py" if args.quick else "demo.py"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="clt-loop-time-") as tmp:
         try:
             result = run(args, pathlib.Path(tmp))

@@ -285,7 +285,8 @@ def summary(r: dict) -> str:
             f"MFLOP/token ({r['flops_convention']}) | {r['achieved_tflops']:.3f} TFLOP/s | {mfu}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, config.MeshConfig, tuple[tuple[str, int], ...]]:
+    """(options, mesh, the (preset, seq_len) cases); a bad option is one line and exit 2."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", nargs="+", choices=sorted(PRESETS), help="presets (default: the grid, see FULL)")
     p.add_argument("--seq-len", nargs="+", type=int, help="sequence lengths, crossed with --preset")
@@ -320,6 +321,11 @@ def main(argv: list[str] | None = None) -> None:
         mesh = parse_mesh(args.mesh)
     except ValueError as e:
         p.error(str(e))
+    return args, mesh, cases
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, mesh, cases = parse_args(argv)
     for preset, L in cases:
         try:
             result = run_case(args, mesh, preset, L)

@@ -13,8 +13,10 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks import their shared helpers as `from step import`
 
+import loop_time  # noqa: E402
 import overhead  # noqa: E402
 import peers  # noqa: E402
+import step  # noqa: E402
 
 
 @pytest.mark.parametrize("module, argv, message", [
@@ -26,6 +28,11 @@ import peers  # noqa: E402
     (peers, ["--steps", "0"], "must be >= 1"),
     (peers, ["--seq-len", "127"], "must be even"),
     (peers, ["--maxtext-remat", "none"], "invalid choice"),
+    (step, ["--quick", "--preset", "tiny"], "--quick is its own grid"),
+    (step, ["--steps", "0"], "--steps must be >= 1"),
+    (step, ["--mesh", "data=2,pipeline=2"], "bad axis 'pipeline=2'"),
+    (step, ["--attention", "flash"], "invalid choice"),
+    (loop_time, ["--quick", "--config", "configs/demo.py"], "drop --config or --quick"),
 ])
 def test_bad_options_are_one_line_and_exit_2(module, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -33,6 +40,14 @@ def test_bad_options_are_one_line_and_exit_2(module, argv, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_step_crosses_presets_with_seq_lens_and_quick_is_small():
+    _, _, cases = step.parse_args(["--preset", "tiny", "demo", "--seq-len", "128", "512"])
+    assert cases == (("tiny", 128), ("tiny", 512), ("demo", 128), ("demo", 512))
+    args, _, cases = step.parse_args(["--quick"])
+    assert cases == step.QUICK and (args.steps, args.warmup, args.batch) == (5, 2, 8)
+    assert ("1b", 2048) in step.parse_args([])[2] and ("8b", 2048) in step.FULL
 
 
 def test_quick_fills_only_the_sizes_not_given():
