@@ -179,7 +179,7 @@ def run_bare(args: argparse.Namespace) -> dict:
 def _graphdef_of(bench, dtype: str) -> nnx.GraphDef:
     """The structure of the model `build` made (built abstractly with the same options, as clt's create_model)."""
     return nnx.graphdef(nnx.eval_shape(lambda: Transformer(bench.dims, dtype=step_lib.compute_dtype(dtype),
-                                                           rngs=nnx.Rngs(0))))
+                                                           attention=bench.attention, rngs=nnx.Rngs(0))))
 
 
 # ----------------------------------------------------------------------------------------------------------
