@@ -15,6 +15,7 @@ the demo's, so a pessimistic share, in about half a minute).
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import tempfile
@@ -47,7 +48,9 @@ def run(args: argparse.Namespace, tmp: pathlib.Path) -> dict:
     spent = finished["time"]
     loop = sum(spent.values())
     saves = [e for e in read_jsonl(wd / "events.jsonl") if e["event"] == "checkpoint"]
-    return dict(benchmark="loop_time", command=command_line(), machine=machine, config=args.config,
+    machine["loadavg_end"] = list(os.getloadavg())
+    config_name = os.path.relpath(args.config, REPO) if pathlib.Path(args.config).is_relative_to(REPO) else args.config
+    return dict(benchmark="loop_time", command=command_line(), machine=machine, config=config_name,
                 steps=cfg_steps(cfg), checkpoint_every=cfg.checkpoint.every, saves=len(saves),
                 log_every=cfg.log.every, time=spent, loop_s=loop, wall_s=wall,
                 shares={k.removesuffix("_s"): v / loop for k, v in spent.items()},
