@@ -333,6 +333,85 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return launch.launch_local(args.config, args.workdir, args.overrides, args.processes, quiet=args.quiet)
 
 
+def _sweep_job(args: argparse.Namespace) -> dict:
+    """The job options of `clt sweep --launch TARGET` as keyword arguments of clt.launch: those of `clt launch
+    TARGET` but --name (each run's job is named after it) and --dry-run (the sweep's own); others are refused."""
+    from clt.launch import LaunchError
+
+    flag = lambda dest: "--" + dest.replace("_", "-")  # noqa: E731
+    own = {"name", "dry_run"}
+    allowed = _LAUNCH_OPTIONS[args.launch] - own if args.launch else set()
+    for dest in sorted(set().union(*_LAUNCH_OPTIONS.values()) - own - allowed):
+        if getattr(args, dest) is not None:
+            users = [w for w, opts in _LAUNCH_OPTIONS.items() if dest in opts]
+            raise LaunchError(f"{flag(dest)} is for `clt sweep --launch {' / '.join(users)}`"
+                              + (f", not {args.launch}" if args.launch else ""))
+    for dest in _LAUNCH_REQUIRED.get(args.launch, ()):
+        if getattr(args, dest) is None:
+            raise LaunchError(f"clt sweep --launch {args.launch} needs {flag(dest)}")
+    job = {dest: getattr(args, dest) for dest in allowed}
+    if args.launch == "slurm":
+        job["tasks_per_node"] = args.tasks_per_node or 1
+    return job
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """`clt sweep SWEEP_CONFIG --workdir DIR`: every point is checked, then each run trains here (or is
+    launched) one after another, finished ones skipped; `clt sweep report DIR`: the results table and plots.
+    A bad sweep is one `clt: error:` line per bad point, exit 2, before anything runs."""
+    from clt import launch, sweep
+
+    if args.target[0] == "report":
+        return _sweep_report(args)
+    if not args.workdir:
+        raise ConfigError("--workdir", None, "clt sweep needs a folder for its runs", "add --workdir DIR")
+    if args.out:
+        raise ConfigError("--out", args.out, "is for `clt sweep report`", "drop it")
+    job = _sweep_job(args)
+    if args.launch != "gke":  # a GKE sweep's folder is in a bucket (checked for each job)
+        check_workdir(args.workdir)
+    try:
+        spec = sweep.load_sweep(args.target[0], args.target[1:])
+        points = sweep.expand(spec)
+        chosen = sweep.select(points, args.only)
+        devices = None  # `clt train` here counts its devices itself; this process starts no JAX backend
+        if args.launch in ("slurm", "gke"):
+            nodes, per_node, _ = launch.job_shape(args.launch, args.nodes, args.gpus_per_node, args.accelerator,
+                                                  job.get("tasks_per_node", 1))
+            devices = nodes * per_node
+        sweep.validate(spec, points, devices)
+    except sweep.SweepError as e:
+        for line in e.lines:
+            print(f"{_me()}: error: {line}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(sweep.dry_run_table(spec, chosen, args.workdir))
+        if args.launch not in ("slurm", "gke"):
+            return 0
+    rc = sweep.run_sweep(spec, chosen, args.workdir, where=args.launch, job=job, dry_run=args.dry_run,
+                         quiet=args.quiet)
+    if args.launch in (None, "local"):
+        print(f"report: {sweep.write_sweep_report(args.workdir)}")
+    return rc
+
+
+def _sweep_report(args: argparse.Namespace) -> int:
+    """`clt sweep report DIR [--out OUT]`: results.md's path, then its table as text."""
+    from clt import sweep
+
+    if len(args.target) != 2:
+        raise ConfigError("DIR", " ".join(args.target[1:]) or None, "`clt sweep report` takes one folder",
+                          "clt sweep report DIR (the sweep's --workdir)")
+    for dest in ("workdir", "only", "launch"):
+        if getattr(args, dest) is not None:
+            raise ConfigError(f"--{dest}", getattr(args, dest), "is for running a sweep, not its report", "drop it")
+    _quiet_libraries()
+    res = sweep.read_results(args.target[1])
+    print(sweep.write_sweep_report(args.target[1], out=args.out, res=res))
+    print(sweep.summary_table(res))
+    return 0
+
+
 def check_workdir(path: str) -> None:
     """A --workdir that can hold a run: a folder (or creatable as one) that this process may write to."""
     wd = pathlib.Path(path)
@@ -564,19 +643,10 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def add_launch_parser(sub: argparse._SubParsersAction) -> None:
-    """`clt launch local|slurm|gke` and its options (each target takes only its own: see _LAUNCH_OPTIONS)."""
+def add_job_options(p: argparse.ArgumentParser) -> None:
+    """The job shape options of `clt launch` and `clt sweep --launch` (each target takes only its own)."""
     from clt.launch import ACCELERATORS  # standard library only: the parser stays quick to build
 
-    p = sub.add_parser("launch", help="run `clt train` as a job of several processes joined by jax.distributed: "
-                       "on this machine, or as a SLURM job or a GKE JobSet")
-    p.add_argument("where", choices=["local", "slurm", "gke"],
-                   help="local: N processes on this machine (127.0.0.1); slurm: an sbatch job, one process per "
-                        "node; gke: a JobSet, one pod per node")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for `clt train`")
-    p.add_argument("--workdir", required=True,
-                   help="slurm: a folder on the shared file system; gke: gs://BUCKET/PATH (mounted in every pod)")
     p.add_argument("--processes", type=int,
                    help="local: processes; the CPU devices of XLA_FLAGS (or 1 each) are split evenly between them")
     p.add_argument("--nodes", type=int, help="slurm, gke: nodes, one process each (a TPU slice fixes it)")
@@ -589,6 +659,41 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--account", help="slurm: the account to charge")
     p.add_argument("--accelerator", help="gke: the node type: " + ", ".join(ACCELERATORS))
     p.add_argument("--image", help="gke: a container image with clt installed")
+
+
+def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    """`clt sweep SWEEP_CONFIG --workdir DIR [...]` and `clt sweep report DIR`."""
+    p = sub.add_parser("sweep", help="train a grid of overrides of one config, one run per point, resumable; "
+                       "`clt sweep report DIR`: the results table and plots")
+    p.add_argument("target", nargs="+", metavar="SWEEP_CONFIG [KEY=VALUE ...] | report DIR",
+                   help="a sweep config (configs/sweeps/) and overrides for every run; or `report` and a sweep's "
+                        "--workdir")
+    p.add_argument("--workdir", help="the sweep's folder: one folder per run in it, and sweep.json")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every point and print the runs and their overrides; run nothing (with --launch "
+                        "slurm|gke: also write each job file, as `clt launch --dry-run` does)")
+    p.add_argument("--only", metavar="NAME_GLOB", help="run only the runs whose name matches, e.g. 'replay=0.25,*'")
+    p.add_argument("--launch", choices=["local", "slurm", "gke"],
+                   help="run each run through `clt launch local` (--processes N) or submit it as a SLURM job or "
+                        "a GKE JobSet (the options of `clt launch`); default: `clt train` here, one after another")
+    add_job_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", help="report: the folder to write (default: DIR/report)")
+    p.set_defaults(func=cmd_sweep)
+
+
+def add_launch_parser(sub: argparse._SubParsersAction) -> None:
+    """`clt launch local|slurm|gke` and its options (each target takes only its own: see _LAUNCH_OPTIONS)."""
+    p = sub.add_parser("launch", help="run `clt train` as a job of several processes joined by jax.distributed: "
+                       "on this machine, or as a SLURM job or a GKE JobSet")
+    p.add_argument("where", choices=["local", "slurm", "gke"],
+                   help="local: N processes on this machine (127.0.0.1); slurm: an sbatch job, one process per "
+                        "node; gke: a JobSet, one pod per node")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for `clt train`")
+    p.add_argument("--workdir", required=True,
+                   help="slurm: a folder on the shared file system; gke: gs://BUCKET/PATH (mounted in every pod)")
+    add_job_options(p)
     p.add_argument("--name", help="slurm, gke: the job's name (default: clt-<workdir's last folder>)")
     p.add_argument("--dry-run", action="store_true",
                    help="slurm, gke: write the job file and its records into WORKDIR/launch/ and print it; "
@@ -666,6 +771,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.set_defaults(func=cmd_train)
 
     add_launch_parser(sub)
+    add_sweep_parser(sub)
 
     p = sub.add_parser("report", help="write a run's report (report.md, stability.json, plots); prints its path")
     p.add_argument("workdir")

@@ -395,8 +395,9 @@ def _write(workdir: str, name: str, text: str) -> str:
 def launch_job(kind: str, config: str, workdir: str, overrides: Sequence[str], *, nodes: int | None = None,
                gpus_per_node: int | None = None, partition: str | None = None, time: str | None = None,
                account: str | None = None, accelerator: str | None = None, image: str | None = None,
-               name: str | None = None, dry_run: bool = False, tasks_per_node: int = 1) -> int:
-    """Check, render and record a slurm or gke job in WORKDIR/launch/; then print it (dry run) or submit it.
+               name: str | None = None, dry_run: bool = False, tasks_per_node: int = 1, echo: bool = True) -> int:
+    """Check, render and record a slurm or gke job in WORKDIR/launch/; then print it (dry run; `echo=False`
+    leaves that to the file, as `clt sweep` does for its many jobs) or submit it.
 
     Everything that can be wrong (the shape, the config against it, the submit tool) is checked before
     anything is written, so a refused launch leaves nothing behind."""
@@ -431,7 +432,8 @@ def launch_job(kind: str, config: str, workdir: str, overrides: Sequence[str], *
                   time=time, account=account, dry_run=dry_run)
     _write(workdir, "launch.json", json.dumps(record, indent=1) + "\n")
     if dry_run:
-        print(text, end="")
+        if echo:
+            print(text, end="")
         print(f"clt: dry run: wrote {file} (and plan.json, launch.json next to it); nothing submitted",
               file=sys.stderr)
         return 0

@@ -181,7 +181,7 @@ def _save(fig, path: pathlib.Path | str) -> None:
     pyplot().close(fig)
 
 
-def _loss_ylim(ax, values: list[float]) -> None:
+def loss_ylim(ax, values: list[float]) -> None:
     """Keep the first evals (random init) from flattening the part worth reading."""
     if len(values) < 4:
         return
@@ -205,7 +205,7 @@ def plot_loss(run: Run, curves_of_plan: tuple, path: pathlib.Path) -> None:
         if curve:
             t = sorted(curve)
             ax.plot(t, [curve[s] for s in t], color=colours[d], marker="o", ms=2.5, lw=1.4, label=f"{d} (eval)")
-    _loss_ylim(ax, [v for c in curves.values() for v in c.values()])
+    loss_ylim(ax, [v for c in curves.values() for v in c.values()])
     _now_marker(ax, run)
     ax.set_ylabel("held-out loss (nats/token)")
     _title_axes(ax, run, "eval loss per domain")
@@ -243,7 +243,7 @@ def plot_train_loss(run: Run, path: pathlib.Path) -> bool:
         k = max(3, len(loss) // 40)
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
         ax.plot(t[k - 1:], smooth, color="k", lw=1.5, label=f"mean of last {k} logs")
-    _loss_ylim(ax, loss.tolist())
+    loss_ylim(ax, loss.tolist())
     _now_marker(ax, run)
     ax.set_xlim(0, run.plan.total_steps)
     ax.set_xlabel("step")
