@@ -144,14 +144,17 @@ def test_unknown_metrics_and_a_bad_sweep_file_are_one_line_each(tmp_path, capsys
     for body, expected in (
             ('dict(base=SMOKE, axes=(dict(key="batch_size", valuse=(8,)),))',
              "axes.0.valuse = (8,): unknown field; did you mean 'values'?"),
-            ('dict(base=SMOKE, axes=(dict(zip=(dict(key="batch_size", values=(8, 16)), dict(key="seed", values=(1,)))),))',
+            ('dict(base=SMOKE, axes=(dict(zip=(dict(key="batch_size", values=(8, 16)), '
+             'dict(key="seed", values=(1,)))),))',
              "axes.0.zip.1.key = 'seed': seeds are their own field"),
             ('dict(base=SMOKE, axes=(dict(zip=(dict(key="batch_size", values=(8, 16)), '
              'dict(key="log.every", values=(1,)))),))', "axes.0.zip = [2, 1]: zipped axes move together"),
             ('dict(base=SMOKE, axes=(dict(key="batch_size", values=(8,)), dict(key="optim.batch_size", values=(8,))))',
              "axes = ['batch_size']: two axes have the same label"),
-            ('dict(base="nowhere.py", axes=(dict(key="batch_size", values=(8,)),))', "base = 'nowhere.py': no such file"),
-            ('dict(base=SMOKE, axes=(dict(key="batch_size", values=(8, 16)),), metrics=("final/*", "gapp/*", "gap/x/*"))',
+            ('dict(base="nowhere.py", axes=(dict(key="batch_size", values=(8,)),))',
+             "base = 'nowhere.py': no such file"),
+            ('dict(base=SMOKE, axes=(dict(key="batch_size", values=(8, 16)),), '
+             'metrics=("final/*", "gapp/*", "gap/x/*"))',
              None)):
         path = sweep_file(tmp_path, body)
         lines = user_errors(capsys, "sweep", str(path), "--workdir", str(tmp_path / "w"))
@@ -230,6 +233,25 @@ def test_launch_slurm_renders_one_job_per_run_and_submits_none(demo_data, tmp_pa
     assert sweep.run_state(str(scripts[0].parent.parent)) == "submitted"  # not submitted twice
 
 
+def test_launch_gke_checks_every_point_against_the_job_and_renders_into_the_bucket(demo_data, gcs_store, capsys):
+    from clt.data import store
+
+    wd = gcs_store.url("sweeps", "s")
+    job = ["--launch", "gke", "--accelerator", "tpu-v5p-64", "--image", "clt:1", "--dry-run"]
+    lines = user_errors(capsys, "sweep", str(SMOKE_SWEEP), "--workdir", wd, *job)
+    assert len(lines) == 4 and all(re.match(r"clt: error: sweep point \S+: batch_size = 8: .*32", line)
+                                   for line in lines), lines  # 8 hosts x 4 chips: 32 devices
+    rc = cli.main(["sweep", str(SMOKE_SWEEP), "--workdir", wd, *job, "--only", "replay=0,*", "batch_size=32",
+                   "data.eval_batch=32"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "2 runs: 2 rendered (dry run), 0 skipped" in out, out + err
+    for run in ("replay=0,peak=1e-3", "replay=0,peak=3e-3"):
+        text = store.read_bytes(store.join(wd, run, "launch"), "jobset.yaml").decode()
+        assert f"/gcs/{wd.removeprefix('gs://')}/{run}" in text and "phases.shift.replay=0.0" in text
+        assert re.search(r"name: clt-smoke-replay-peak-[0-9a-f]{8}\n", text)
+        assert sweep.run_state(store.join(wd, run)) == "pending"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The report, from run files written by hand: exact means, spreads and best marks.
 # ----------------------------------------------------------------------------------------------------------
@@ -248,8 +270,10 @@ def get_config():
 """
 # eval steps 0, 4 (the switch's baseline), 5, 6 (its window), 8 (the end); per run: {domain: {step: loss}}
 PROSE_CODE = {
-    "replay=0,seed=0": {"prose": {0: 5.0, 4: 3.0, 5: 3.5, 6: 3.25, 8: 3.0}, "code": {0: 6.0, 4: 5.0, 5: 4.0, 6: 3.5, 8: 3.0}},
-    "replay=0,seed=1": {"prose": {0: 5.0, 4: 3.0, 5: 3.25, 6: 3.0, 8: 2.5}, "code": {0: 6.0, 4: 5.0, 5: 4.5, 6: 4.0, 8: 4.0}},
+    "replay=0,seed=0": {"prose": {0: 5.0, 4: 3.0, 5: 3.5, 6: 3.25, 8: 3.0},
+                        "code": {0: 6.0, 4: 5.0, 5: 4.0, 6: 3.5, 8: 3.0}},
+    "replay=0,seed=1": {"prose": {0: 5.0, 4: 3.0, 5: 3.25, 6: 3.0, 8: 2.5},
+                        "code": {0: 6.0, 4: 5.0, 5: 4.5, 6: 4.0, 8: 4.0}},
     "replay=0.25,seed=0": {"prose": {0: 5.0, 4: 3.0, 5: 3.125, 6: 3.0, 8: 2.625},
                            "code": {0: 6.0, 4: 5.0, 5: 4.25, 6: 3.75, 8: 3.5}},
     "replay=0.25,seed=1": {"prose": {0: 5.0, 4: 3.0, 5: 3.0625, 6: 3.0}, "code": {0: 6.0, 4: 5.0, 5: 4.0, 6: 3.5}},
@@ -279,7 +303,8 @@ def made_up_sweep(tmp_path_factory):
         run.mkdir()
         resume.write_record(run, pl, {}, cfg)
         rows = [dict(step=s, phase="base", loss=4.0, tokens_per_s=v) for s, v in enumerate(TOKENS_PER_S[name])]
-        rows += [{"step": s, "phase": pl.phase_at(min(s, 7)).name, **{f"eval/{d}/loss": c[s] for d, c in curves.items()}}
+        rows += [{"step": s, "phase": pl.phase_at(min(s, 7)).name,
+                  **{f"eval/{d}/loss": c[s] for d, c in curves.items()}}
                  for s in sorted(curves["prose"])]
         rows.sort(key=lambda r: r["step"])
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -330,7 +355,8 @@ def test_report_md_marks_the_best_and_shows_the_spread(made_up_sweep):
     assert head[:2] == ["replay", "finished"]
     assert cells["0"]["finished"] == "2/2" and cells["0.25"]["finished"] == "1/2" and cells["0.5"]["finished"] == "0/2"
     assert cells["0"]["final/prose"] == "2.750 ± 0.354" and cells["0.25"]["final/prose"] == "**2.625**"
-    assert cells["0"]["gap/shift/prose"] == "0.375 ± 0.177" and cells["0.25"]["gap/shift/prose"] == "**0.094** ± 0.044"
+    assert cells["0"]["gap/shift/prose"] == "0.375 ± 0.177"
+    assert cells["0.25"]["gap/shift/prose"] == "**0.094** ± 0.044"
     assert cells["0"]["tokens_per_s"] == "**300.000** ± 141.421" and cells["0.5"]["tokens_per_s"] == "-"
     runs = list(csv.DictReader((wd / "report" / "runs.csv").open()))
     assert [(r["run"], r["state"], r["final/prose"]) for r in runs] == [
