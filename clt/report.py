@@ -5,7 +5,7 @@
 - the tables of report.md: `stability_json` / `STABILITY_KEYS` (stability.json), `stability_rows`,
   `final_eval_rows`, `alert_rows`;
 - the run's plots: `plot_loss`, `plot_train_loss`, `plot_mixture`, `plot_switch` (with `switch_ylim`,
-  `gap_verdict`, `plot_titles`, `run_name`);
+  `gap_verdict`, `plot_titles`, `run_name`; `loss_ylim`, which clt.sweep's curve plots share);
 - `write_report`, which renders all of it.
 
 The plan's own table, curves and drawing (bands, domain colours, stacked mixture) come from `clt.plan_view`,
