@@ -290,8 +290,12 @@ def run_overrides(sweep: Sweep, point: Point) -> list[str]:
     """Everything one run of the sweep is given on top of the base config, in order: the sweep file's
     overrides, the command line's, then the point's axis values and seed. The one place that decides what a
     run is: sweep.json records it, `clt train` and the launchers receive it, and per-run settings a sink may
-    want (a run group named after the sweep, tags from the axis values) belong here."""
-    return [*sweep.overrides, *point.overrides]
+    want belong here: the W&B group is the sweep's name and the tags are the axis values (they stay unused
+    while `log.wandb.project` is empty; the sweep file's own overrides may replace them)."""
+    tags = tuple(f"{label}={text}" for label, text in point.values)
+    tags += (f"seed={point.seed}",) if point.seed is not None else ()
+    tracking = [f"log.wandb.group={sweep.name!r}", f"log.wandb.tags={tags!r}"]
+    return [*tracking, *sweep.overrides, *point.overrides]
 
 
 def run_config(sweep: Sweep, point: Point) -> config.Config:

@@ -100,6 +100,8 @@ def test_seeds_and_axis_values_reach_the_validated_config(demo_data, tmp_path):
     cfg, pl = built["replay=0.25,peak=3e-3,seed=4"]
     assert (cfg.seed, pl.seed, cfg.phases[1].replay.share, cfg.phases[1].schedule.peak) == (4, 4, 0.25, 3e-3)
     assert pl.phases[1].replay_share == 0.25 and len(built) == 8
+    # W&B: the group is the sweep's name, the tags the point's axis values and seed (used when a project is set)
+    assert (cfg.log.wandb.group, cfg.log.wandb.tags) == (spec.name, ("replay=0.25", "peak=3e-3", "seed=4"))
 
 
 # ----------------------------------------------------------------------------------------------------------
