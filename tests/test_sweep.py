@@ -86,7 +86,8 @@ def test_a_runs_name_depends_only_on_its_axis_values(tmp_path):
                                                   f'metrics=("final/*",), {axes})', "b.py")), ["batch_size=16"])
     assert [p.name for p in sweep.expand(a)] == [p.name for p in sweep.expand(b)] == ["schedule=cos", "schedule=const"]
     const = sweep.expand(b)[1]
-    assert sweep.run_overrides(b, const) == ["log.every=4", "batch_size=16",
+    assert sweep.run_overrides(b, const) == ["log.wandb.group='other'", "log.wandb.tags=('schedule=const',)",
+                                             "log.every=4", "batch_size=16",
                                              "phases.shift.schedule={'kind': 'constant', 'peak': 0.001}"]
     cfg = sweep.run_config(b, const)
     assert (cfg.phases[1].schedule.kind, cfg.phases[1].schedule.peak, cfg.batch_size) == ("constant", 1e-3, 16)
