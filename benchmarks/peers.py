@@ -50,7 +50,7 @@ import tempfile
 import time
 import numpy as np
 
-from step import BYTE_VOCAB, build, command_line, machine_info, record, stats  # benchmarks/ is sys.path[0]
+from step import BYTE_VOCAB, build, command_line, machine_info, record, stats, time_steps  # benchmarks/ on sys.path
 
 from clt import config, step as step_lib
 from clt.config import ConfigError
@@ -143,25 +143,16 @@ def llama_config(dims: ModelDims, seq_len: int) -> dict:
 # clt.
 # ----------------------------------------------------------------------------------------------------------
 def run_clt(args: argparse.Namespace) -> dict:
-    import jax
-
     from clt import sharding
 
     t0 = time.perf_counter()
     bench = build(args.preset, args.batch, args.seq_len, dtype=args.dtype, steps=args.warmup + args.steps + 1)
     batches = bench.batches(4)
-    state, times, losses = bench.state, [], []
-    bench.state = None
+    state, bench.state = bench.state, None
     with sharding.use_mesh(bench.mesh):
         compiled = bench.step_fn.lower(state, batches[0]).compile()
         compile_s = time.perf_counter() - t0
-        for i in range(args.warmup + args.steps):
-            t = time.perf_counter()
-            state, m = compiled(state, batches[i % len(batches)])
-            jax.block_until_ready((state, m))
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t)
-            losses.append(float(m["loss"]))
+        times, losses = time_steps(compiled, state, batches, args.warmup, args.steps)
     del state
     return dict(ran=True, build_and_compile_s=compile_s, step_s=stats(times), step_times_s=times,
                 loss_first=losses[0], loss_last=losses[-1],

@@ -155,6 +155,21 @@ def build(preset: str, batch: int, seq_len: int, *, dtype: str = "auto", remat: 
                      attention=options["attention"])
 
 
+def time_steps(compiled: Callable, state: Any, batches: list[jax.Array], warmup: int, steps: int
+               ) -> tuple[list[float], list[float]]:
+    """(seconds of each of `steps` steps after `warmup` untimed ones, every step's loss): each step timed to
+    `jax.block_until_ready`, cycling through `batches`. The state is donated step to step."""
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        state, m = compiled(state, batches[i % len(batches)])
+        jax.block_until_ready((state, m))
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+        losses.append(float(m["loss"]))
+    return times, losses
+
+
 def command_line() -> str:
     """The command as typed from the repo root (the interpreter relative when it lives under the cwd)."""
     exe = os.path.relpath(sys.executable)
@@ -234,14 +249,8 @@ def run_case(args: argparse.Namespace, mesh_cfg: config.MeshConfig, preset: str,
         t2 = time.perf_counter()
         times, losses = [], []
         if not args.compile_only:
-            batches, state = bench.batches(4, seed=args.seed), bench.state
-            for i in range(args.warmup + args.steps):
-                t = time.perf_counter()
-                state, m = compiled(state, batches[i % len(batches)])
-                jax.block_until_ready((state, m))
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - t)
-                losses.append(float(m["loss"]))
+            times, losses = time_steps(compiled, bench.state, bench.batches(4, seed=args.seed), args.warmup,
+                                       args.steps)
 
     dims = bench.dims
     fpt = flops_per_token(dims, L)
