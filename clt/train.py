@@ -362,13 +362,15 @@ class Run:
         m = jax.device_get(m)  # the loop's only host sync, one step behind the device
         every = self.cfg.log.every
         interval = range(max((at // every) * every, p.start), at + 1)
+        # An interval holding only the first step (its compile timed apart) has no train time to report.
+        timing = self.clock.interval(tokens, steps) if steps else {}
         row = dict(step=at, phase=p.name, loss=float(m["loss"]), lr=float(m["lr"]), grad_norm=float(m["grad_norm"]),
-                   **self.clock.interval(tokens, steps), **self.source.row_counts(interval))
+                   **timing, **self.source.row_counts(interval))
         if int(m["skipped_total"]):
             row["skipped_total"] = int(m["skipped_total"])
         if self.cfg.optim.spike_factor:
             row["loss_ema"] = float(m["loss_ema"])
-        if self.peak:
+        if self.peak and timing:
             row["mfu"] = mfu(row["tokens_per_s"], self.flops_per_token, self.peak, jax.device_count())
         self.write(row)
         if self.is_main:

@@ -58,7 +58,8 @@ def test_the_peak_table_matches_device_kinds_most_specific_first():
 def test_a_step_is_logged_after_the_next_one_is_dispatched(demo_data, tmp_path, monkeypatch):
     """The loop reads step s's metrics after queueing step s+1, except right before an eval, a save or a phase
     end, which wait for the device anyway. Every train row reports tokens/s and seconds per step of the train
-    steps alone: tokens_per_s x step_s is exactly the tokens of one step."""
+    steps alone: tokens_per_s x step_s is exactly the tokens of one step; the row of the first step alone, whose
+    time is the compile's, reports none."""
     order: list[tuple[str, int]] = []
     compile_step = step.compile_step
 
@@ -79,7 +80,7 @@ def test_a_step_is_logged_after_the_next_one_is_dispatched(demo_data, tmp_path, 
 
     monkeypatch.setattr(step, "compile_step", recording_compile)
     monkeypatch.setattr(jax, "device_get", recording_get)
-    cfg = smoke_config(demo_data, "checkpoint.every=0")
+    cfg = smoke_config(demo_data, "checkpoint.every=0", "log.every=1")  # a row per step: the first is the compile's
     train.train(cfg, str(tmp_path), progress=False)
 
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
@@ -96,7 +97,8 @@ def test_a_step_is_logged_after_the_next_one_is_dispatched(demo_data, tmp_path, 
             assert dispatched == done + 1, row["step"]  # read with step done+1 already queued
             deferred += 1
     assert deferred >= 3
-    assert all(r["tokens_per_s"] * r["step_s"] == pytest.approx(cfg.batch_size * cfg.data.seq_len) for r in rows)
+    assert "tokens_per_s" not in rows[0] and "step_s" not in rows[0]  # step 0 alone: its time is the compile's
+    assert all(r["tokens_per_s"] * r["step_s"] == pytest.approx(cfg.batch_size * cfg.data.seq_len) for r in rows[1:])
     finished = next(e for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "finished")
     assert set(finished["time"]) == {"train_s", "compile_s", "eval_s", "checkpoint_s"}
     assert all(v > 0 for v in finished["time"].values()), finished["time"]  # each kind measured (phase-end saves)
