@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean reproductions
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ demo: $(STAMP)
 	$(BIN)/clt train configs/demo.py --workdir runs/demo
 	$(BIN)/clt report runs/demo
 	@echo "metrics: runs/demo/metrics.jsonl   events: runs/demo/events.jsonl   report: runs/demo/report/report.md"
+
+# The paper reproductions: run the sweeps of configs/papers/ (finished runs are skipped) and write REPRODUCTIONS.md
+# from their reports (docs/reproductions/). About 25 minutes on a 2-core CPU the first time.
+reproductions: $(STAMP)
+	$(BIN)/clt prepare demo --out data/demo --quiet
+	$(BIN)/python benchmarks/reproductions.py
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(BIN)/python -m pytest tests
