@@ -152,8 +152,9 @@ def v_gupta(res: dict[str, Results]) -> list[str]:
                    f"and the new domain's: {yes(all(b > 0 for _, b in gaps.values()))}.")
         finals = [row["final/new"] for row in w.values() if "final/new" in row]
         if finals:
-            out.append(f"- the warmup length matters little: final new-domain loss spans {max(finals) - min(finals):.3f}"
-                       f" over the four warmups ({', '.join(f3(x) for x in finals)}).")
+            span = max(finals) - min(finals)
+            out.append(f"- the warmup length matters little (final new-domain loss within 0.05 over the warmups: "
+                       f"{', '.join(f3(x) for x in finals)}): {yes(span < 0.05)} (span {span:.3f}).")
     p = res.get("gupta_peak", {})
     if p:
         pts = [k for k in p if "forgetting/shift/old" in p[k]]
@@ -316,7 +317,18 @@ SECTIONS = (
             "phase's budget: equal compute); the union baseline trains 400 steps on 50/50 old/new from scratch. "
             "configs/papers/three_domains.py: prose -> code -> unicode, 200 steps each, re-warmed cosine per task "
             "against infinite cosine with a branch anneal over the last 10% of each task.",
-            ("ibrahim_replay", "ibrahim_scratch", "ibrahim_infinite"), v_ibrahim),
+            ("ibrahim_replay", "ibrahim_scratch", "ibrahim_infinite"), v_ibrahim,
+            notes="**At this scale.** The replay trade-off held in the paper's shape: on the strong shift, no "
+            "replay forgets the old domain almost entirely and even 1% replay removes most of that, more replay "
+            "keeps lowering the old loss while the new loss rises slowly, as in their Table 2; the weak shift "
+            "needs little replay and forgets little without it. Not held: the union baseline stays ahead of "
+            "every continual run, by more on the strong shift. At 400 steps the model is undertrained, and the "
+            "continual runs spend part of their budget decaying the LR at the end of the first phase and "
+            "re-warming it, which the single-cosine union run does not; the paper's models had converged on "
+            "their first dataset (300B tokens), where that cost is small against what the second phase adds. "
+            "The infinite schedule did as well as re-warmed cosine on every task (better here, for the same "
+            "reason as WSD against cosine: more steps at a high LR), and its gaps at the switches are smaller on "
+            "average (the verdict above)."),
     Section("guo", "Guo et al. 2024: mitigating the stability gap",
             "At a switch the loss first rises (the stability gap) before it falls; training several epochs on a "
             "subset, on a high-quality subset, and on a mixture close to the pre-training data make the gap "
