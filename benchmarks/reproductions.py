@@ -220,20 +220,24 @@ def v_ibrahim(res: dict[str, Results]) -> list[str]:
 
 def v_guo(res: dict[str, Results]) -> list[str]:
     r = res.get("guo_gap", {})
-    base = next((row for p, row in r.items() if p.endswith("=full")), None)
+    base = r.get("data=full")
     if not base or "gap/shift/old" not in base:
         return []
-    out = [f"- the stability gap of plain continual pre-training (full domain, one pass): the old domain rises by "
-           f"{f3(base['gap/shift/old'])} after the switch and the new domain by {f3(base.get('gap/shift/new', 0))}; "
-           f"a gap on the new domain exists: {yes(base.get('gap/shift/new', 0) > 0)}."]
+    nan = float("nan")
+    out = [f"- plain continual pre-training (the whole new domain, one pass): the new domain's loss falls from "
+           f"the first step (gap {f3(base.get('gap/shift/new', nan))}; a gap on the new domain: "
+           f"{yes(base.get('gap/shift/new', 0) > 0)}), the old domain's rises by {f3(base['gap/shift/old'])} and "
+           f"recovers: {yes(base.get('recovery/shift/old') is not None)}."]
     for p, row in r.items():
-        if row is base or "final/new" not in row:
+        if p == "data=full" or "final/new" not in row:
             continue
-        rec = row.get("recovery/shift/new")
-        out.append(f"- {p}: gap on new {f3(row.get('gap/shift/new', float('nan')))} (full: "
-                   f"{f3(base.get('gap/shift/new', float('nan')))}), recovery {rec if rec is None else int(rec)} steps "
-                   f"(full: {base.get('recovery/shift/new')}), final new {f3(row['final/new'])} (full: "
-                   f"{f3(base['final/new'])}), final old {f3(row['final/old'])} (full: {f3(base['final/old'])}).")
+        rec = row.get("recovery/shift/old")
+        out.append(f"- {p.split('=')[1]}: old-domain gap {f3(row.get('gap/shift/old', nan))} (full "
+                   f"{f3(base['gap/shift/old'])}), {'never recovered' if rec is None else f'recovered after {int(rec)} steps'}; "
+                   f"final new {f3(row['final/new'])} (full {f3(base['final/new'])}), final old "
+                   f"{f3(row['final/old'])} (full {f3(base['final/old'])}). Shallower gap: "
+                   f"{yes(row.get('gap/shift/old', nan) < base['gap/shift/old'])}; better on the new domain: "
+                   f"{yes(row['final/new'] < base['final/new'])}.")
     return out
 
 
@@ -333,9 +337,21 @@ SECTIONS = (
             "At a switch the loss first rises (the stability gap) before it falls; training several epochs on a "
             "subset, on a high-quality subset, and on a mixture close to the pre-training data make the gap "
             "shallower and the recovery faster.",
-            "configs/papers/continual.py on the strong shift, dense eval every 2 steps over the 60 after the "
-            "switch. See the sweep's docstring for the proxies.",
-            ("guo_gap",), v_guo),
+            "configs/papers/continual.py on the strong shift (prose -> unicode), 200 + 200 steps, dense eval every "
+            "2 steps over the 60 after the switch. The shift phase trains on the whole new domain (full: one pass, "
+            "less than an epoch), on a spread-out 1/20 of it (subset: ~3 epochs), or on 50% new + 50% prose (mix: "
+            "closer to the pre-training data); the new domain's metric is always the whole domain's held-out split.",
+            ("guo_gap",), v_guo,
+            notes="**At this scale.** The stability gap shows on the old domain's loss, not on the new one's: a "
+            "0.1M-parameter model learns the new domain from the first steps, whereas the paper measures "
+            "downstream medical accuracy, which needs the general abilities that the switch first disturbs. So "
+            "the old domain's gap (and whether it recovers) is the proxy here. Held: a mixture close to the "
+            "pre-training data makes the gap far shallower and lets it recover, at a small cost on the new "
+            "domain; several epochs on a subset make the gap shallower. Not held: the subset run ends worse on "
+            "the new domain's held-out loss than one pass over all of it: with a spread-out 1/20 of a table of "
+            "character names, repeated epochs fit the subset and cover less of the domain, while the paper's "
+            "subset was chosen to be representative of a corpus far larger than its training budget. Not "
+            "reproduced: the high-quality subset (no quality signal in the demo data)."),
 )
 
 
