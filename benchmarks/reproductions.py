@@ -25,7 +25,6 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -358,9 +357,13 @@ SECTIONS = (
 # ----------------------------------------------------------------------------------------------------------
 # Running, reporting, stitching.
 # ----------------------------------------------------------------------------------------------------------
-def clt(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "clt.cli", *args], env=env, text=True)
+def clt(*args: str) -> int:
+    """`clt ARGS...` in this process (a sweep's runs are still one `clt train` process each); its exit code."""
+    sys.path.insert(0, str(ROOT))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the runs'
+    from clt import cli
+
+    return cli.main(list(args))
 
 
 def sweep_report(workdir: pathlib.Path, out: pathlib.Path) -> None:
@@ -491,7 +494,7 @@ def main(argv=None) -> int:
                 extra = [f"budget.steps={args.size}"] if args.size else []
                 extra += ["--only", first_run(config)] if args.first else []
                 t0 = time.time()
-                rc = clt("sweep", config, "--workdir", str(workdir / name), "--quiet", *extra).returncode
+                rc = clt("sweep", config, "--workdir", str(workdir / name), "--quiet", *extra)
                 print(f"reproductions: {name}: exit {rc}, {time.time() - t0:.0f} s", flush=True)
                 if rc:
                     failed.append(name)
