@@ -278,11 +278,11 @@ SECTIONS = (
             "models and billions of tokens to the `tiny` model and 410K tokens.",
             ("hagele_wsd",), v_hagele,
             notes="**At this scale.** WSD matches or beats cosine (held). Where the paper finds gains up to a "
-            "~20% cooldown, here the shortest cooldowns are already as good as the longest: a 400-step run of a "
+            "~20% cooldown, here the shortest cooldowns are the best and each longer one loses a little: a 400-step run of a "
             "0.1M-parameter model is far from converged, so steps at the peak LR are worth more than a longer "
             "decay, and the optimal cooldown fraction is known to depend on the run's length and the model. Part "
             "of WSD's margin over cosine comes from decaying to 0 rather than to 10% of the peak, as in the "
-            "paper's own comparison. One seed: differences of about a hundredth of a nat are noise."),
+            "paper's own comparison. The table's ± is the spread over three seeds."),
     Section("blakeney", "Blakeney et al. 2024, \"Does your data spark joy?\": domain upsampling at the end",
             "Upsampling a domain over the last part of training improves it at a small cost elsewhere; 10-20% of "
             "training is the best trade-off.",
@@ -453,8 +453,8 @@ def write_document(out: pathlib.Path, docs: pathlib.Path, workdir: pathlib.Path,
           "a sweep report; every verdict is a comparison the script computes from the reports' results.csv.", "",
           "Common scale: the `tiny` model (d_model 64, 2 layers, 0.1M parameters, byte tokens), sequences of 64, "
           "batch 16, a few hundred steps per phase, the demo data (`clt prepare demo --out data/demo`), one seed "
-          "per point (give a sweep `c.seeds = (0, 1, 2)` for spread: differences of a few hundredths of a nat are "
-          "within seed noise at this size). Every plan's lengths are fractions of `budget.steps`, so the override "
+          "per point except where a sweep says otherwise (`hagele_wsd`: three; give any sweep `c.seeds = (0, 1, "
+          "2)` for a spread: at this size, differences of a few hundredths of a nat can be seed noise). Every plan's lengths are fractions of `budget.steps`, so the override "
           "`budget.steps=N` (after the sweep config on the command line) is the size knob; on a larger machine add "
           "e.g. `model.preset=demo data.seq_len=256 batch_size=64` and scale `monitor.every`, "
           "`monitor.dense_every` and `monitor.dense_window` (in steps) with the budget.", ""]
