@@ -7,9 +7,10 @@
 
 For every sweep of every paper (SECTIONS): `clt sweep configs/papers/<sweep>.py --workdir runs/papers/<sweep>`
 (finished runs are skipped, so a rerun only trains what is missing), then `clt sweep report runs/papers/<sweep>
---out docs/reproductions/<sweep>` (its function, in this process: results.md, results.csv, runs.csv, plots: committed). REPRODUCTIONS.md is
-then written from those folders alone: per paper its claim, the commands, each sweep's generated table and
-plots, and verdicts that this script computes from the generated results.csv (a comparison and its numbers).
+--out docs/reproductions/<sweep>` (its function, in this process: results.md, results.csv, runs.csv, plots:
+committed). REPRODUCTIONS.md is then written from those folders alone: per paper its claim, the commands, each
+sweep's generated table and plots, and verdicts that this script computes from the generated results.csv (a
+comparison and its numbers).
 Nothing in REPRODUCTIONS.md is typed by hand but the prose of SECTIONS (claims, what was scaled down).
 
 `--size N` passes budget.steps=N to every sweep (each plan's lengths are fractions of its budget) and `--first`
@@ -232,7 +233,8 @@ def v_guo(res: dict[str, Results]) -> list[str]:
             continue
         rec = row.get("recovery/shift/old")
         out.append(f"- {p.split('=')[1]}: old-domain gap {f3(row.get('gap/shift/old', nan))} (full "
-                   f"{f3(base['gap/shift/old'])}), {'never recovered' if rec is None else f'recovered after {int(rec)} steps'}; "
+                   f"{f3(base['gap/shift/old'])}), "
+                   f"{'never recovered' if rec is None else f'recovered after {int(rec)} steps'}; "
                    f"final new {f3(row['final/new'])} (full {f3(base['final/new'])}), final old "
                    f"{f3(row['final/old'])} (full {f3(base['final/old'])}). Shallower gap: "
                    f"{yes(row.get('gap/shift/old', nan) < base['gap/shift/old'])}; better on the new domain: "
@@ -278,7 +280,8 @@ SECTIONS = (
             "models and billions of tokens to the `tiny` model and 410K tokens.",
             ("hagele_wsd",), v_hagele,
             notes="**At this scale.** WSD matches or beats cosine (held). Where the paper finds gains up to a "
-            "~20% cooldown, here the shortest cooldowns are the best and each longer one loses a little: a 400-step run of a "
+            "~20% cooldown, here the shortest cooldowns are the best and each longer one loses a little: a "
+            "400-step run of a "
             "0.1M-parameter model is far from converged, so steps at the peak LR are worth more than a longer "
             "decay, and the optimal cooldown fraction is known to depend on the run's length and the model. Part "
             "of WSD's margin over cosine comes from decaying to 0 rather than to 10% of the peak, as in the "
@@ -454,7 +457,8 @@ def write_document(out: pathlib.Path, docs: pathlib.Path, workdir: pathlib.Path,
           "Common scale: the `tiny` model (d_model 64, 2 layers, 0.1M parameters, byte tokens), sequences of 64, "
           "batch 16, a few hundred steps per phase, the demo data (`clt prepare demo --out data/demo`), one seed "
           "per point except where a sweep says otherwise (`hagele_wsd`: three; give any sweep `c.seeds = (0, 1, "
-          "2)` for a spread: at this size, differences of a few hundredths of a nat can be seed noise). Every plan's lengths are fractions of `budget.steps`, so the override "
+          "2)` for a spread: at this size, differences of a few hundredths of a nat can be seed noise). Every "
+          "plan's lengths are fractions of `budget.steps`, so the override "
           "`budget.steps=N` (after the sweep config on the command line) is the size knob; on a larger machine add "
           "e.g. `model.preset=demo data.seq_len=256 batch_size=64` and scale `monitor.every`, "
           "`monitor.dense_every` and `monitor.dense_window` (in steps) with the budget.", ""]
