@@ -5,7 +5,6 @@ This checks that the tables are produced, not the science (REPRODUCTIONS.md hold
 
 import csv
 import os
-import pathlib
 import subprocess
 import sys
 
