@@ -30,10 +30,11 @@ def _preempted_step(wd) -> int:
 
 
 def assert_same_metrics(expected, got, rel=1e-5):
-    """Same rows with the same keys; counts equal, floats within `rel` (the reductions run in another order)."""
+    """Same rows with the same keys; counts equal, floats within `rel` (the reductions run in another order).
+    Clock readings aside: a restart's first row has none when its interval is only the compiled first step."""
     assert [r["step"] for r in got] == [r["step"] for r in expected]
     for a, b in zip(expected, got):
-        assert a.keys() == b.keys(), (a["step"], a.keys() ^ b.keys())
+        assert a.keys() - TIMING == b.keys() - TIMING, (a["step"], a.keys() ^ b.keys())
         for k in a.keys() - TIMING:
             if isinstance(a[k], float):
                 assert b[k] == pytest.approx(a[k], rel=rel), (a["step"], k)
