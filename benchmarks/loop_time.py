@@ -28,6 +28,7 @@ from clt.config import ConfigError  # noqa: E402
 from clt.data import prepare  # noqa: E402
 from clt.data.shards import domain_exists  # noqa: E402
 from clt.metrics import read_jsonl  # noqa: E402
+from clt.plan import resolve  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -51,14 +52,10 @@ def run(args: argparse.Namespace, tmp: pathlib.Path) -> dict:
     machine["loadavg_end"] = list(os.getloadavg())
     config_name = os.path.relpath(args.config, REPO) if pathlib.Path(args.config).is_relative_to(REPO) else args.config
     return dict(benchmark="loop_time", command=command_line(), machine=machine, config=config_name,
-                steps=cfg_steps(cfg), checkpoint_every=cfg.checkpoint.every, saves=len(saves),
+                steps=resolve(cfg).total_steps, checkpoint_every=cfg.checkpoint.every, saves=len(saves),
                 log_every=cfg.log.every, time=spent, loop_s=loop, wall_s=wall,
                 shares={k.removesuffix("_s"): v / loop for k, v in spent.items()},
                 checkpoint_share=spent["checkpoint_s"] / loop)
-
-
-def cfg_steps(cfg: config.Config) -> int:
-    return sum(p.steps for p in cfg.phases)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
