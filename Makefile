@@ -23,7 +23,7 @@ demo: $(STAMP)
 	@echo "metrics: runs/demo/metrics.jsonl   events: runs/demo/events.jsonl   report: runs/demo/report/report.md"
 
 # The paper reproductions: run the sweeps of configs/papers/ (finished runs are skipped) and write REPRODUCTIONS.md
-# from their reports (docs/reproductions/). About half an hour on a 2-core CPU the first time (9 sweeps, 47 runs).
+# from their reports (docs/reproductions/). About 30 minutes on a 2-core CPU the first time (9 sweeps, 94 runs).
 reproductions: $(STAMP)
 	$(BIN)/clt prepare demo --out data/demo --quiet
 	$(BIN)/python benchmarks/reproductions.py

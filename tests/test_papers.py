@@ -64,3 +64,61 @@ def test_a_smoke_sized_version_of_every_sweep_produces_its_table_and_the_documen
         assert table.count("\n|") == len(rows) + 2, name  # the header, its rule, a row per point
         assert f"### `{name}`" in doc
         assert list((here / "docs" / name).glob("eval_*.png")), name  # the plots were drawn
+
+
+def _witten_bell_nats_per_byte(fit: list[str], doc: str, order: int) -> float:
+    """An independent, loop-by-loop byte n-gram model with Witten-Bell interpolation (the reference that
+    reproductions.byte_ngram_scores' vectorised counting must equal)."""
+    import math
+    from collections import Counter
+
+    grams, ctx, succ = Counter(), Counter(), Counter()
+    for text in fit:
+        b = text.encode()
+        for n in range(order):
+            for i in range(n, len(b)):
+                if not grams[b[i - n:i + 1]]:
+                    succ[b[i - n:i]] += 1
+                grams[b[i - n:i + 1]] += 1
+                ctx[b[i - n:i]] += 1
+    b, total = doc.encode(), 0.0
+    for i in range(len(b)):
+        p = 1 / 256
+        for n in range(min(i, order - 1) + 1):
+            h = b[i - n:i]
+            if ctx[h]:
+                p = (grams[b[i - n:i + 1]] + succ[h] * p) / (ctx[h] + succ[h])
+        total -= math.log(p)
+    return total / len(b)
+
+
+def test_the_relevance_score_is_the_cross_entropy_difference_of_two_witten_bell_byte_ngram_models():
+    new = ["LATIN SMALL LETTER A\nLATIN SMALL LETTER B\n", "GREEK SMALL LETTER ALPHA\n", "DIGIT ZERO\nDIGIT ONE\n",
+           "LATIN CAPITAL LETTER A WITH GRAVE\n", "\u00e9t\u00e9 \u00e0 \u00c0\n"]
+    old = ["The letter a is small.\n", "Digits: zero and one.\n"]
+    got = reproductions.relevance_scores(new, old, order=4)
+    folds = {0: new[1::2], 1: new[0::2]}  # document i is scored by a model of the other parity's documents
+    want = [_witten_bell_nats_per_byte(folds[i % 2], d, 4) - _witten_bell_nats_per_byte(old, d, 4)
+            for i, d in enumerate(new)]
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("domain", reproductions.GUO_NEW)
+def test_the_guo_subsets_have_equal_bytes_the_quality_one_is_the_most_relevant_and_neither_holds_held_out_text(
+        domain):
+    from clt.data import prepare
+
+    pool, old = reproductions.demo_pool(domain), reproductions.demo_pool(reproductions.GUO_OLD)
+    every = prepare._capped(prepare._DEMO_SOURCES[domain][0](), prepare.DEMO_MAX_BYTES)
+    held_out = [d for d in every if prepare._eval_draw(domain, d) < prepare.DEMO_EVAL_FRACTION]
+    assert held_out and len(pool) + len(held_out) == len(every)
+    relevance = reproductions.relevance_scores(pool, old)
+    subsets = reproductions.guo_subsets(pool, relevance)
+    size = {k: sum(len(d.encode()) for d in v) for k, v in subsets.items()}
+    assert subsets["sub"] == pool[::reproductions.GUO_EVERY]
+    longest = max(len(d.encode()) for d in subsets["top"])
+    assert size["sub"] <= size["top"] < size["sub"] + longest  # the first document to reach the size is the last
+    scores = dict(zip(pool, relevance))
+    assert max(scores[d] for d in subsets["top"]) <= min(s for d, s in scores.items() if d not in subsets["top"])
+    assert [pool.index(d) for d in subsets["top"]] == sorted(pool.index(d) for d in subsets["top"])  # domain order
+    assert not set(held_out) & (set(subsets["sub"]) | set(subsets["top"]))

@@ -7,8 +7,8 @@ rest; 10-20% of training is the best trade-off (shorter gains less, longer costs
 Five runs of configs/papers/pretrain.py (prose .6, code .3, unicode .1, cosine decay): the base mix throughout,
 and code upsampled to .7 (prose .25, unicode .05) over the last 5, 10, 20, 30% of training, at equal steps.
 The target domain is code (the paper's math/code benchmarks); prose is the general domain. Scaled down: a
-0.1M-parameter model and 400 steps instead of 7B models and 1T tokens, eval loss instead of benchmarks; one
-seed. Size: budget.steps=N.
+0.1M-parameter model and 400 steps instead of 7B models and 1T tokens, eval loss instead of benchmarks; three
+seeds. Size: budget.steps=N.
 """
 
 import ml_collections
@@ -22,5 +22,6 @@ def get_config():
     c.axes = (dict(key="phases.main.upsample",
                    values=(None, *(dict(last=f, mixture=dict(UPSAMPLED)) for f in (0.05, 0.1, 0.2, 0.3))),
                    label="upsample", names=("none", "5pct", "10pct", "20pct", "30pct")),)
+    c.seeds = (0, 1, 2)
     c.metrics = ("final/*",)
     return c

@@ -7,7 +7,7 @@ improves the new domain; the warmup's length matters little (0, 0.5, 1, 2% of th
 Four runs of configs/papers/continual.py on the weak shift (prose -> code; the paper's Pile -> SlimPajama is a
 weak shift too): the shift phase re-warms to the pre-training peak (3e-3) over 0, 0.5, 1, 2% of its steps, then
 cosine to 3e-4. Dense eval (every 2 steps over the first 40) shows the gap. Scaled down: a 0.1M-parameter model,
-200 + 200 steps instead of a 410M Pythia and 45B tokens; one seed. Size: budget.steps=N.
+200 + 200 steps instead of a 410M Pythia and 45B tokens; three seeds. Size: budget.steps=N.
 """
 
 import ml_collections
@@ -21,5 +21,6 @@ def get_config():
     c.overrides = (f"data.domains={WEAK!r}", "monitor.dense_every=2")
     c.axes = (dict(key="phases.shift.schedule.warmup", values=(0, 0.005, 0.01, 0.02), label="warmup",
                    names=("0pct", "0.5pct", "1pct", "2pct")),)
+    c.seeds = (0, 1, 2)
     c.metrics = ("final/*", "gap/shift/*", "recovery/shift/*", "forgetting/shift/*", "adaptation/shift/*")
     return c
