@@ -15,9 +15,10 @@ Nothing in REPRODUCTIONS.md is typed by hand but the prose of SECTIONS (claims, 
 Guo et al.'s two subsets of each new domain (a spread-out one, and a high-quality one ranked by domain relevance
 under byte n-gram models) are prepared here too, into data/demo_guo/ (prepare_guo_subsets).
 
-`--size N` passes budget.steps=N to every sweep (each plan's lengths are fractions of its budget) and `--first`
-runs only the first point of each sweep: the test suite runs `--size 8 --first` into a temporary folder
-(tests/test_papers.py). `--workdir`, `--docs` and `--out` move the three outputs.
+`--size N` passes the sweeps' size knob size=N (N times every plan's steps and eval intervals: the sweeps' c.scaled
+keys), for a larger machine. `--steps N` instead sets budget.steps=N alone (each plan's lengths are fractions of
+its budget) and `--first` runs only the first point of each sweep: the test suite runs `--steps 12 --first` into a
+temporary folder (tests/test_papers.py). `--workdir`, `--docs` and `--out` move the three outputs.
 """
 
 from __future__ import annotations
@@ -415,26 +416,35 @@ GUO_EVERY = 20  # the spread-out subset: every 20th training document of the new
 NGRAM_ORDER = 4  # the relevance scorer's byte n-gram models (contexts of 3 bytes)
 
 
-def demo_pool(domain: str) -> list[str]:
-    """The documents of a demo domain that `clt prepare demo` puts in its train split (in order): a subset must
-    hold no document of the held-out split that every run is evaluated on."""
+def prepared_documents(split: str) -> list[str]:
+    """The documents of a prepared split (a domain's train/ or eval/ folder) as text, in order; only a byte-
+    tokenized domain (as `clt prepare demo` makes by default) gives back its exact text."""
     sys.path.insert(0, str(ROOT))
-    from clt.data import prepare
+    from clt.data.shards import Shard
+    from clt.data.tokenizer import ByteTokenizer
 
-    return [d for d in prepare._demo_texts(domain, prepare.DEMO_MAX_BYTES)
-            if prepare._eval_draw(domain, d) >= prepare.DEMO_EVAL_FRACTION]
+    shard = Shard(split)
+    if shard.tokenizer != ByteTokenizer.name:
+        raise SystemExit(f"reproductions: {split} holds {shard.tokenizer} tokens; Guo's subsets need the demo "
+                         f"domains prepared with the byte tokenizer: clt prepare demo --out data/demo")
+    offsets = [int(x) for x in shard.doc_offsets]
+    tokens = shard.read_tokens(0, offsets[-1])
+    return [ByteTokenizer().decode(tokens[a:b]) for a, b in zip(offsets, offsets[1:])]
 
 
 def _grams(docs: list[bytes], n: int):
-    """Every (n+1)-byte window of every document (never across two) as one integer (its n-byte context: >> 8)."""
+    """Every (n+1)-byte window of every document (never across two) as one integer (its n-byte context: >> 8),
+    and where its last byte lies in the documents laid end to end."""
     import numpy as np
 
-    out = [np.zeros(0, np.int64)]
+    grams, where, start = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], 0
     for b in docs:
         a = np.frombuffer(b, np.uint8).astype(np.int64)
         if len(a) > n:
-            out.append(sum(a[k:len(a) - n + k] << (8 * (n - k)) for k in range(n + 1)))
-    return np.concatenate(out)
+            grams.append(sum(a[k:len(a) - n + k] << (8 * (n - k)) for k in range(n + 1)))
+            where.append(np.arange(start + n, start + len(a)))
+        start += len(a)
+    return np.concatenate(grams), np.concatenate(where)
 
 
 def ngram_model(docs: list[bytes], order: int = NGRAM_ORDER) -> list:
@@ -444,28 +454,31 @@ def ngram_model(docs: list[bytes], order: int = NGRAM_ORDER) -> list:
 
     tables = []
     for n in range(order):
-        g, gc = np.unique(_grams(docs, n), return_counts=True)
+        g, gc = np.unique(_grams(docs, n)[0], return_counts=True)
         h, first = np.unique(g >> 8, return_index=True)
         tables.append((g, gc, h, np.add.reduceat(gc, first), np.diff(np.append(first, len(g)))))
     return tables
 
 
-def nats_per_byte(model: list, doc: bytes) -> float:
-    """The document's cross-entropy under the model, Witten-Bell interpolated from the longest context down to
+def nats_per_byte(model: list, docs: list[bytes]):
+    """Each document's cross-entropy under the model, Witten-Bell interpolated from the longest context down to
     uniform bytes: P_n(c|h) = (C(hc) + T(h) P_(n-1)(c|h')) / (C(h) + T(h)) for a seen context h, else P_(n-1)."""
     import numpy as np
 
-    p = np.full(len(doc), 1.0 / 256)
+    sizes = np.array([len(b) for b in docs], np.int64)
+    p = np.full(int(sizes.sum()), 1.0 / 256)
     for n, (g, gc, h, hc, ht) in enumerate(model):
-        grams = _grams([doc], n)
+        grams, where = _grams(docs, n)
         if not len(grams) or not len(g):
             continue
         at = np.minimum(np.searchsorted(h, grams >> 8), len(h) - 1)
         seen = h[at] == grams >> 8
         gat = np.minimum(np.searchsorted(g, grams), len(g) - 1)
         count = np.where(g[gat] == grams, gc[gat], 0)
-        p[n:] = np.where(seen, (count + ht[at] * p[n:]) / np.maximum(hc[at] + ht[at], 1), p[n:])
-    return float(-np.log(p).mean())
+        lower = p[where]
+        p[where] = np.where(seen, (count + ht[at] * lower) / np.maximum(hc[at] + ht[at], 1), lower)
+    owner = np.repeat(np.arange(len(docs)), sizes)
+    return np.bincount(owner, weights=-np.log(p), minlength=len(docs)) / np.maximum(sizes, 1)
 
 
 def relevance_scores(new: list[str], old: list[str], order: int = NGRAM_ORDER):
@@ -473,7 +486,7 @@ def relevance_scores(new: list[str], old: list[str], order: int = NGRAM_ORDER):
     (lower: more typical of the new domain and less of the old one). H_new comes from a byte n-gram model of the
     *other* half of the new documents (two folds: no document is scored by counts of itself), H_old from one of
     the old domain's training documents. Guo et al. rank their domain corpus by domain relevance; this is the
-    classic language-model form of that ranking, with byte models small enough to fit in a few seconds."""
+    classic language-model form of that ranking, with byte models small enough to fit in seconds."""
     import numpy as np
 
     data = [d.encode("utf-8") for d in new]
@@ -481,8 +494,8 @@ def relevance_scores(new: list[str], old: list[str], order: int = NGRAM_ORDER):
     scores = np.zeros(len(data))
     for fold in (0, 1):
         model = ngram_model([b for i, b in enumerate(data) if i % 2 != fold], order)
-        for i in range(fold, len(data), 2):
-            scores[i] = nats_per_byte(model, data[i]) - nats_per_byte(old_model, data[i])
+        scored = data[fold::2]
+        scores[fold::2] = nats_per_byte(model, scored) - nats_per_byte(old_model, scored)
     return scores
 
 
@@ -518,18 +531,17 @@ def held_out_placeholder(name: str, docs: list[str], held_out: str) -> str:
     return f"{held_out}{number}\n"
 
 
-def prepare_guo_subsets(out: str = GUO_DATA) -> None:
-    """Prepare OUT/<new>/{sub,top} (guo_subsets of each GUO_NEW domain against GUO_OLD) with the byte tokenizer,
-    as the demo, every document in the train split; a subset whose text is unchanged since its last prepare is
-    kept."""
+def prepare_guo_subsets(data: str = "data/demo", out: str = GUO_DATA) -> None:
+    """Prepare OUT/<new>/{sub,top} (guo_subsets of each GUO_NEW domain's train split in DATA, ranked against
+    GUO_OLD's) with the byte tokenizer, every document in the train split; a subset whose text is unchanged since
+    its last prepare is kept."""
     sys.path.insert(0, str(ROOT))
     from clt.data import prepare
 
-    old = demo_pool(GUO_OLD)
+    old = prepared_documents(f"{data}/{GUO_OLD}/train")
     for domain in GUO_NEW:
-        held_out = next(d for d in prepare._demo_texts(domain, prepare.DEMO_MAX_BYTES)
-                        if prepare._eval_draw(domain, d) < prepare.DEMO_EVAL_FRACTION)
-        pool = demo_pool(domain)
+        pool = prepared_documents(f"{data}/{domain}/train")
+        held_out = prepared_documents(f"{data}/{domain}/eval")[0]  # the placeholder's text: no run trains on it
         for name, docs in guo_subsets(pool, relevance_scores(pool, old)).items():
             folder = pathlib.Path(out, domain)
             source = folder / f"{name}.jsonl"
@@ -597,11 +609,13 @@ def write_document(out: pathlib.Path, docs: pathlib.Path, workdir: pathlib.Path,
           "batch 16, a few hundred steps per phase, the demo data (`clt prepare demo --out data/demo`). Three seeds "
           "per point where differences are small (`hagele_wsd`, `blakeney_upsample`, `gupta_*`, `guo_gap`: the "
           "tables give mean ± sample std), one elsewhere (give any sweep `c.seeds = (0, 1, 2)` for a spread: at "
-          "this size, differences of a few hundredths of a nat can be seed noise). Every "
-          "plan's lengths are fractions of `budget.steps`, so the override "
-          "`budget.steps=N` (after the sweep config on the command line) is the size knob; on a larger machine add "
-          "e.g. `model.preset=demo data.seq_len=256 batch_size=64` and scale `monitor.every`, "
-          "`monitor.dense_every` and `monitor.dense_window` (in steps) with the budget.", ""]
+          "this size, differences of a few hundredths of a nat can be seed noise). **Size:** every plan's lengths "
+          "are fractions of `budget.steps`, and every sweep takes `size=N` after its config on the command line "
+          "(`clt sweep configs/papers/guo_gap.py --workdir DIR size=10`, or `benchmarks/reproductions.py --size "
+          "10`): N times the steps and the eval intervals (`budget.steps`, `monitor.every`, "
+          "`monitor.dense_every`, `monitor.dense_window`, `log.every`: each sweep's `c.scaled`), so the dense "
+          "window still covers the same share of a phase. On a larger machine add a larger model and more data "
+          "per step too, e.g. `model.preset=demo data.seq_len=256 batch_size=64`.", ""]
     for s in sections:
         res = {name: read_results(docs / name / "results.csv") for name in s.sweeps}
         md += [f"## {s.title}", "", f"**Claim.** {s.claim}", "", f"**Setup.** {s.setup}", ""]
@@ -619,7 +633,8 @@ def main(argv=None) -> int:
     ap.add_argument("--paper", action="append", choices=[s.key for s in SECTIONS],
                     help="only these papers' sweeps run (the document still has every section)")
     ap.add_argument("--no-run", action="store_true", help="only report and stitch what has run")
-    ap.add_argument("--size", type=int, help="budget.steps of every run (default: each plan's own)")
+    ap.add_argument("--size", type=int, help="the sweeps' size=N: N times every plan's steps and eval intervals")
+    ap.add_argument("--steps", type=int, help="budget.steps of every run, alone (a smoke size; default: the plan's)")
     ap.add_argument("--first", action="store_true", help="only the first point of each sweep (smoke)")
     ap.add_argument("--workdir", default="runs/papers")
     ap.add_argument("--docs", default="docs/reproductions")
@@ -635,7 +650,8 @@ def main(argv=None) -> int:
             if not args.no_run:
                 if name == "guo_gap":
                     prepare_guo_subsets()
-                extra = [f"budget.steps={args.size}"] if args.size else []
+                extra = [f"size={args.size}"] if args.size else []
+                extra += [f"budget.steps={args.steps}"] if args.steps else []
                 extra += ["--only", first_run(config)] if args.first else []
                 t0 = time.time()
                 rc = clt("sweep", config, "--workdir", str(workdir / name), "--quiet", *extra)

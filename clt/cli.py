@@ -666,8 +666,8 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="train a grid of overrides of one config, one run per point, resumable; "
                        "`clt sweep report DIR`: the results table and plots")
     p.add_argument("target", nargs="+", metavar="SWEEP_CONFIG [KEY=VALUE ...] | report DIR",
-                   help="a sweep config (configs/sweeps/) and overrides for every run; or `report` and a sweep's "
-                        "--workdir")
+                   help="a sweep config (configs/sweeps/) and overrides for every run (size=N multiplies the "
+                        "sweep's scaled keys: its size knob); or `report` and a sweep's --workdir")
     p.add_argument("--workdir", help="the sweep's folder: one folder per run in it, and sweep.json")
     p.add_argument("--dry-run", action="store_true",
                    help="check every point and print the runs and their overrides; run nothing (with --launch "

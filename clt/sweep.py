@@ -17,9 +17,12 @@ config is a `get_config()` file (configs/sweeps/) with these fields:
     c.seeds = (0, 1)                    # every point once per seed, through the config's `seed` (optional)
     c.metrics = ("final/*", "gap/shift/*", "tokens_per_s")  # which metrics the report shows (fnmatch patterns)
     c.name = "recipe"                   # the sweep's name (optional; default: the file's name)
+    c.scaled = ("budget.steps", "monitor.every")  # what `size=N` on the command line multiplies (optional)
 
 An axis `key` is any dotted override key of `clt train` (phases by name or index), each value a Python value
-as an override would give it. The example is 2 x 2 x 2 points x 2 seeds = 16 runs.
+as an override would give it. The example is 2 x 2 x 2 points x 2 seeds = 16 runs. `size=N` among the command
+line's overrides is the sweep's size knob: every `scaled` key (a whole number of steps in the base config after
+the file's overrides) is multiplied by N, e.g. the budget and the eval intervals together for a larger machine.
 
 Runs: each run is named by its axis values alone, shortened by the axis labels (`replay=0.25,peak=1e-3,
 warmup=10,schedule=cos,seed=1`), and lives in `DIR/<name>/`, so running the same sweep again finds the same
@@ -121,6 +124,9 @@ class SweepFile:
     seeds: tuple[int, ...] = ()
     metrics: tuple[str, ...] = DEFAULT_METRICS
     name: str = ""
+    scaled: tuple[str, ...] = ()
+    """Keys counted in steps (budget.steps, monitor.every, ...) that the command line's `size=N` multiplies by N,
+    so that one word makes the sweep larger on a larger machine and its intervals stay in proportion."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +243,8 @@ def load_sweep(path: str, overrides: Sequence[str] = ()) -> Sweep:
         if "=" not in o:
             raise ConfigError(f"overrides.{i}" if i < len(spec.overrides) else "KEY=VALUE", o,
                               "an override is key=value", "write e.g. monitor.every=50")
+    sizes = [o.split("=", 1)[1] for o in overrides if _key(o) == "size"]
+    overrides = [o for o in overrides if _key(o) != "size"]
     if not isinstance(axes, tuple):
         raise ConfigError("axes", axes, "axes is a tuple of axes", 'write c.axes = (dict(key=..., values=(...)),)')
     groups = _groups(axes, "axes")
@@ -246,8 +254,49 @@ def load_sweep(path: str, overrides: Sequence[str] = ()) -> Sweep:
         raise ConfigError("seeds", spec.seeds, "a seed is listed twice", "list each seed once")
     if not spec.metrics:
         raise ConfigError("metrics", (), "no metrics to report", f"e.g. {DEFAULT_METRICS}")
+    own = spec.overrides
+    if sizes:  # a scaled key the command line or an axis sets itself keeps that value
+        scaled = _scaled(spec, sizes[-1], {_key(o) for o in overrides} | {a.key for g in groups for a in g})
+        own = tuple(o for o in own if _key(o) not in scaled) + tuple(f"{k}={v}" for k, v in scaled.items())
     return Sweep(path=str(path), name=spec.name or pathlib.Path(path).stem, base=spec.base,
-                 overrides=(*spec.overrides, *overrides), groups=groups, seeds=spec.seeds, metrics=spec.metrics)
+                 overrides=(*own, *overrides), groups=groups, seeds=spec.seeds, metrics=spec.metrics)
+
+
+_MISSING = object()
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].strip()
+
+
+def _scaled(spec: SweepFile, size: str, set_elsewhere: set[str]) -> dict[str, int]:
+    """What `size=N` sets: each of the sweep file's `scaled` keys but those in `set_elsewhere`, at N times its
+    value in the base config after the file's overrides (whose own entry for the key it replaces)."""
+    try:
+        n = int(size)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError("size", size, "is a positive whole number (the sweep's scaled keys are multiplied by it)",
+                          "write e.g. size=4")
+    if not spec.scaled:
+        raise ConfigError("size", size, "this sweep declares no scaled keys",
+                          "add c.scaled = ('budget.steps', 'monitor.every', ...) to the sweep file, or override "
+                          "the keys themselves")
+    cfg, out = config.load(spec.base, spec.overrides), {}
+    for key in spec.scaled:
+        if key in set_elsewhere:
+            continue
+        value: Any = cfg
+        for part in key.split("."):
+            value = value if value is None else getattr(value, part, _MISSING)  # a group set to None stays None
+        if not isinstance(value, int) or isinstance(value, bool):
+            problem = ("names no field of the base config" if value is _MISSING else
+                       f"is {value!r} in the base config, not a whole number")
+            raise ConfigError("scaled", key, problem,
+                              "list only keys counted in steps, e.g. budget.steps, monitor.every, log.every")
+        out[key] = value * n
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -184,6 +184,10 @@ class Run:
             return self.already_finished()
 
         check_data_needed(plan, data, self.first, cfg)
+        for name, path in cfg.data.domains:  # allowed (no phase from here on draws from it), but a typo looks alike
+            if name not in data:
+                log.warning("data.domains.%s: no prepared data at %s: not evaluated (no phase from here on draws "
+                            "from it)", name, path)
         self.source = BatchSource(plan, data, host=jax.process_index(), hosts=jax.process_count())
         self.loaded = None
         if cfg.replay_buffer.load:

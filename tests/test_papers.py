@@ -5,6 +5,7 @@ This checks that the tables are produced, not the science (REPRODUCTIONS.md hold
 
 import csv
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -25,18 +26,26 @@ def test_every_sweep_of_every_section_is_a_committed_config():
 
 
 @pytest.mark.parametrize("name", SWEEPS)
-def test_every_point_of_every_sweep_validates_at_the_default_size(name, monkeypatch):
+def test_every_point_of_every_sweep_validates_at_the_default_size_and_ten_times_it(name, monkeypatch):
     from clt import sweep
 
     monkeypatch.chdir(ROOT)  # the configs' paths are relative to the repository (data need not exist)
     spec = sweep.load_sweep(f"configs/papers/{name}.py")
     built = sweep.validate(spec, sweep.expand(spec))
-    assert built
+    big = sweep.load_sweep(f"configs/papers/{name}.py", ["size=10"])  # the size knob for larger machines
+    scaled = sweep.validate(big, sweep.expand(big))
+    assert built and list(scaled) == list(built)
+    def steps(c):
+        return c.budget.steps, c.monitor.every, c.monitor.dense_every, c.monitor.dense_window, c.log.every
+
+    for (cfg, plan), (cfg10, plan10) in zip(built.values(), scaled.values()):
+        assert steps(cfg10) == tuple(10 * v for v in steps(cfg))
+        assert [p.end for p in plan10.phases] == [10 * p.end for p in plan.phases]  # the same plan, 10x longer
 
 
 @pytest.fixture(scope="module")
 def smoke_reproductions(demo_data, tmp_path_factory):
-    """benchmarks/reproductions.py --size 12 --first in a folder where configs/ and data/demo are the repository's
+    """benchmarks/reproductions.py --steps 12 --first in a folder where configs/ and data/demo are the repository's
     configs and the session's small demo data (the configs' relative paths)."""
     here = tmp_path_factory.mktemp("papers")
     (here / "configs").symlink_to(ROOT / "configs")
@@ -44,7 +53,7 @@ def smoke_reproductions(demo_data, tmp_path_factory):
     (here / "data" / "demo").symlink_to(demo_data)
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(JAX_CACHE),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproductions.py"), "--size", "12", "--first",
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproductions.py"), "--steps", "12", "--first",
                            "--workdir", "runs", "--docs", "docs", "--out", "REPRODUCTIONS.md"], cwd=here, env=env,
                           capture_output=True, text=True, timeout=600)
     return here, done
@@ -103,22 +112,30 @@ def test_the_relevance_score_is_the_cross_entropy_difference_of_two_witten_bell_
     assert got.tolist() == pytest.approx(want, rel=1e-12)
 
 
-@pytest.mark.parametrize("domain", reproductions.GUO_NEW)
-def test_the_guo_subsets_have_equal_bytes_the_quality_one_is_the_most_relevant_and_neither_holds_held_out_text(
-        domain):
-    from clt.data import prepare
+def test_the_guo_subsets_are_equal_in_bytes_the_quality_one_is_the_most_relevant_and_all_train(demo_data, tmp_path,
+                                                                                                monkeypatch):
+    from clt.data.shards import Shard
 
-    pool, old = reproductions.demo_pool(domain), reproductions.demo_pool(reproductions.GUO_OLD)
-    every = prepare._capped(prepare._DEMO_SOURCES[domain][0](), prepare.DEMO_MAX_BYTES)
-    held_out = [d for d in every if prepare._eval_draw(domain, d) < prepare.DEMO_EVAL_FRACTION]
-    assert held_out and len(pool) + len(held_out) == len(every)
-    relevance = reproductions.relevance_scores(pool, old)
-    subsets = reproductions.guo_subsets(pool, relevance)
-    size = {k: sum(len(d.encode()) for d in v) for k, v in subsets.items()}
-    assert subsets["sub"] == pool[::reproductions.GUO_EVERY]
-    longest = max(len(d.encode()) for d in subsets["top"])
-    assert size["sub"] <= size["top"] < size["sub"] + longest  # the first document to reach the size is the last
-    scores = dict(zip(pool, relevance))
-    assert max(scores[d] for d in subsets["top"]) <= min(s for d, s in scores.items() if d not in subsets["top"])
-    assert [pool.index(d) for d in subsets["top"]] == sorted(pool.index(d) for d in subsets["top"])  # domain order
-    assert not set(held_out) & (set(subsets["sub"]) | set(subsets["top"]))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo").symlink_to(demo_data)
+    reproductions.prepare_guo_subsets()  # data/demo -> data/demo_guo, as benchmarks/reproductions.py runs it
+    old = reproductions.prepared_documents(str(demo_data / reproductions.GUO_OLD / "train"))
+    for domain in reproductions.GUO_NEW:
+        pool = reproductions.prepared_documents(str(demo_data / domain / "train"))
+        held_out = reproductions.prepared_documents(str(demo_data / domain / "eval"))
+        assert sum(len(d.encode()) for d in pool) == Shard(demo_data / domain / "train").num_bytes  # exact text
+        relevance = reproductions.relevance_scores(pool, old)
+        subsets = reproductions.guo_subsets(pool, relevance)
+        size = {k: sum(len(d.encode()) for d in v) for k, v in subsets.items()}
+        assert subsets["sub"] == pool[::reproductions.GUO_EVERY]
+        longest = max(len(d.encode()) for d in subsets["top"])
+        assert size["sub"] <= size["top"] < size["sub"] + longest  # the first document to reach the size is last
+        scores = dict(zip(pool, relevance))
+        assert max(scores[d] for d in subsets["top"]) <= min(v for d, v in scores.items() if d not in subsets["top"])
+        assert [pool.index(d) for d in subsets["top"]] == sorted(pool.index(d) for d in subsets["top"])
+        for name, docs in subsets.items():  # every document of a subset trains; its eval is held-out text
+            prepared = pathlib.Path("data/demo_guo", domain, name)
+            assert reproductions.prepared_documents(str(prepared / "train")) == docs
+            (placeholder,) = reproductions.prepared_documents(str(prepared / "eval"))
+            assert placeholder.startswith(held_out[0]) and not set(docs) & set(held_out)

@@ -101,7 +101,7 @@ def test_buffer_survives_resume_bit_exactly(demo_data, tmp_path):
         np.testing.assert_array_equal(a.draw, b.draw)
 
 
-def test_buffer_replay_works_after_the_old_domain_is_deleted(demo_data, tmp_path):
+def test_buffer_replay_works_after_the_old_domain_is_deleted(demo_data, tmp_path, caplog):
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
     domains = {"prose": str(data / "prose"), "code": str(data / "code")}
@@ -115,8 +115,10 @@ def test_buffer_replay_works_after_the_old_domain_is_deleted(demo_data, tmp_path
     raw["phases"] = (base, dict(name="code", steps=8, mixture={"code": 1.0},
                                 replay=dict(share=0.25, source="buffer"),
                                 schedule=dict(kind="cosine", warmup=2, peak=2e-3)))
-    result = train.train(config.from_dict(raw), str(wd), progress=False)
+    with caplog.at_level("WARNING", logger="clt"):
+        result = train.train(config.from_dict(raw), str(wd), progress=False)
     assert result["final_step"] == 18
+    assert f"data.domains.prose: no prepared data at {data / 'prose'}: not evaluated" in caplog.text
     rows = [r for r in read_jsonl(wd / "metrics.jsonl") if r.get("phase") == "code" and "loss" in r]
     assert sum(r.get("rows/replay/buffer", 0) for r in rows) == round(0.25 * 64)
     snap = replay.BufferSnapshot(wd / "replay" / "step-18")  # prose entries carried over without their data

@@ -105,6 +105,48 @@ def test_seeds_and_axis_values_reach_the_validated_config(demo_data, tmp_path):
     assert (cfg.log.wandb.group, cfg.log.wandb.tags) == (spec.name, ("replay=0.25", "peak=3e-3", "seed=4"))
 
 
+def test_size_multiplies_the_scaled_keys_and_leaves_the_ones_set_elsewhere(tmp_path):
+    """size=N replaces the file's own override of a scaled key (no key is given twice), scales the base config's
+    value of the others, and leaves a key the command line or an axis sets at that value; without size=N the
+    overrides are the file's, unchanged."""
+    body = """
+        dict(base=SMOKE, overrides=("monitor.every=3", "batch_size=8"),
+             scaled=("monitor.dense_every", "monitor.every", "monitor.dense_window", "log.every"),
+             axes=(dict(key="monitor.dense_window", values=(4, 6)),))"""
+    path = str(sweep_file(tmp_path, body))
+    base = config.load(str(SMOKE))
+    plain = sweep.load_sweep(path, ["log.every=5"])
+    assert plain.overrides == ("monitor.every=3", "batch_size=8", "log.every=5")
+    big = sweep.load_sweep(path, ["size=3", "log.every=5"])
+    assert big.overrides == ("batch_size=8", f"monitor.dense_every={3 * base.monitor.dense_every}", "monitor.every=9",
+                             "log.every=5")
+    built = sweep.validate(big, sweep.expand(big))
+    cfg, _ = built["dense_window=6"]
+    assert (cfg.monitor.dense_every, cfg.monitor.every, cfg.log.every, cfg.monitor.dense_window, cfg.batch_size) == (
+        3 * base.monitor.dense_every, 9, 5, 6, 8)
+
+
+def test_a_bad_size_is_one_line(tmp_path, capsys):
+    scaled = sweep_file(tmp_path, """
+        dict(base=SMOKE, scaled=("log.every",), axes=(dict(key="batch_size", values=(8,)),))""", "a.py")
+    for size in ("0", "two", "1.5"):
+        assert user_errors(capsys, "sweep", str(scaled), f"size={size}", "--workdir", "w", "--dry-run") == [
+            f"clt: error: size = '{size}': is a positive whole number (the sweep's scaled keys are multiplied by "
+            "it); write e.g. size=4"]
+    assert user_errors(capsys, "sweep", str(SMOKE_SWEEP), "size=2", "--workdir", "w", "--dry-run") == [
+        "clt: error: size = '2': this sweep declares no scaled keys; add c.scaled = ('budget.steps', "
+        "'monitor.every', ...) to the sweep file, or override the keys themselves"]
+    for key, problem in (("optim.clip", "is 1.0 in the base config, not a whole number"),
+                         ("budget.steps", "is None in the base config, not a whole number"),  # its phases give steps
+                         ("monitor.evry", "names no field of the base config")):
+        path = sweep_file(tmp_path, f"""
+            dict(base=SMOKE, scaled=("log.every", {key!r}), axes=(dict(key="batch_size", values=(8,)),))""")
+        assert user_errors(capsys, "sweep", str(path), "size=2", "--workdir", "w", "--dry-run") == [
+            f"clt: error: scaled = {key!r}: {problem}; list only keys counted in steps, e.g. budget.steps, "
+            "monitor.every, log.every"]
+    assert not pathlib.Path("w").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad input: one line per offending point (naming it and the field), exit 2, nothing created.
 # ----------------------------------------------------------------------------------------------------------

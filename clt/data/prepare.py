@@ -43,7 +43,6 @@ from clt.data.tokenizer import Tokenizer, TokenizerError, document_ids, load_tok
 SPLITS = ("train", "eval")
 DEMO_DOMAINS = ("prose", "code", "unicode")
 DEMO_EVAL_FRACTION = 0.05
-DEMO_MAX_BYTES = 3_000_000  # the demo's text per domain: a 3 MB cap keeps `clt prepare demo` to seconds
 PART_BYTES = 16 << 20  # input bytes per part: small enough for a responsive progress bar, large enough to amortise
 _DOMAIN_FILES = ("train", "eval", "prepare.json")
 _PARTIAL = ".partial"
@@ -558,7 +557,7 @@ def _demo_texts(domain: str, max_bytes: int, on_bad: Callable[[str], None] | Non
     return iter(_capped(_DEMO_SOURCES[domain][0](), max_bytes))
 
 
-def prepare_demo(out: str = "data/demo", progress: bool = True, max_bytes: int = DEMO_MAX_BYTES,
+def prepare_demo(out: str = "data/demo", progress: bool = True, max_bytes: int = 3_000_000,
                  tokenizer: str = "byte") -> dict:
     """Prepare the demo domains (prose, code, unicode) under `out/<domain>` (byte tokenizer by default; a
     model's own tokenizer makes them general text to replay while continuing that model).

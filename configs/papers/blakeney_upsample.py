@@ -8,7 +8,7 @@ Five runs of configs/papers/pretrain.py (prose .6, code .3, unicode .1, cosine d
 and code upsampled to .7 (prose .25, unicode .05) over the last 5, 10, 20, 30% of training, at equal steps.
 The target domain is code (the paper's math/code benchmarks); prose is the general domain. Scaled down: a
 0.1M-parameter model and 400 steps instead of 7B models and 1T tokens, eval loss instead of benchmarks; three
-seeds. Size: budget.steps=N.
+seeds. Size: size=N (N times the steps and the eval intervals).
 """
 
 import ml_collections
@@ -24,4 +24,5 @@ def get_config():
                    label="upsample", names=("none", "5pct", "10pct", "20pct", "30pct")),)
     c.seeds = (0, 1, 2)
     c.metrics = ("final/*",)
+    c.scaled = ("budget.steps", "monitor.every", "monitor.dense_every", "monitor.dense_window", "log.every")
     return c

@@ -11,9 +11,9 @@ configs/papers/shift_strength.py measures how strong each shift is.
 
 Size: every length is a fraction of `budget.steps` (phases in percent, warmups and decays as fractions), so the
 single override `budget.steps=N` scales the whole plan (the default, 400, runs in ~20-30 s on a 2-core CPU with
-the `tiny` model). On a larger machine also give a larger model and more data per step, e.g.
-`budget.steps=20000 model.preset=demo data.seq_len=256 batch_size=64 monitor.every=500 monitor.dense_every=50
-monitor.dense_window=1000` (the monitor's intervals are in steps: scale them with the budget).
+the `tiny` model); the monitor's intervals are in steps, so scale them with it (the sweeps of configs/papers/
+take `size=N`, which multiplies both). On a larger machine also give a larger model and more data per step,
+e.g. `clt sweep configs/papers/guo_gap.py --workdir DIR size=50 model.preset=demo data.seq_len=256 batch_size=64`.
 """
 
 import ml_collections

@@ -21,7 +21,7 @@ text, without the documents of the held-out split: `new` (the whole domain's hel
 metric in every run.
 Scaled down: a 0.1M-parameter model and 410K tokens instead of OpenLLaMA-3B/Llama-3-8B on billions of medical
 tokens, held-out loss instead of medical QA accuracy, byte n-gram models as the relevance scorer; three seeds.
-Size: budget.steps=N.
+Size: size=N (N times the steps and the eval intervals).
 """
 
 import ml_collections
@@ -42,4 +42,5 @@ def get_config():
     c.seeds = (0, 1, 2)
     c.metrics = ("final/old", "final/new", "gap/shift/old", "gap/shift/new", "recovery/shift/old",
                  "recovery/shift/new", "forgetting/shift/old", "adaptation/shift/new")
+    c.scaled = ("budget.steps", "monitor.every", "monitor.dense_every", "monitor.dense_window", "log.every")
     return c

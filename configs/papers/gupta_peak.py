@@ -6,7 +6,8 @@ re-warming at all (continuing at the final LR of pre-training) forgets least and
 
 Four runs of configs/papers/continual.py on the weak shift (prose -> code): the shift phase re-warms over 1% to a
 peak of 3e-4 (= the end LR of pre-training: no re-warm, a constant LR), 1e-3, 3e-3 (= the pre-training peak) and
-6e-3, then cosine to 3e-4. Scaled down as configs/papers/gupta_warmup.py (three seeds). Size: budget.steps=N.
+6e-3, then cosine to 3e-4. Scaled down as configs/papers/gupta_warmup.py (three seeds).
+Size: size=N (N times the steps and the eval intervals).
 """
 
 import ml_collections
@@ -21,4 +22,5 @@ def get_config():
     c.axes = (dict(key="phases.shift.schedule.peak", values=(3e-4, 1e-3, 3e-3, 6e-3), label="peak"),)
     c.seeds = (0, 1, 2)
     c.metrics = ("final/*", "gap/shift/*", "recovery/shift/*", "forgetting/shift/*", "adaptation/shift/*")
+    c.scaled = ("budget.steps", "monitor.every", "monitor.dense_every", "monitor.dense_window", "log.every")
     return c

@@ -7,7 +7,8 @@ improves the new domain; the warmup's length matters little (0, 0.5, 1, 2% of th
 Four runs of configs/papers/continual.py on the weak shift (prose -> code; the paper's Pile -> SlimPajama is a
 weak shift too): the shift phase re-warms to the pre-training peak (3e-3) over 0, 0.5, 1, 2% of its steps, then
 cosine to 3e-4. Dense eval (every 2 steps over the first 40) shows the gap. Scaled down: a 0.1M-parameter model,
-200 + 200 steps instead of a 410M Pythia and 45B tokens; three seeds. Size: budget.steps=N.
+200 + 200 steps instead of a 410M Pythia and 45B tokens; three seeds.
+Size: size=N (N times the steps and the eval intervals).
 """
 
 import ml_collections
@@ -23,4 +24,5 @@ def get_config():
                    names=("0pct", "0.5pct", "1pct", "2pct")),)
     c.seeds = (0, 1, 2)
     c.metrics = ("final/*", "gap/shift/*", "recovery/shift/*", "forgetting/shift/*", "adaptation/shift/*")
+    c.scaled = ("budget.steps", "monitor.every", "monitor.dense_every", "monitor.dense_window", "log.every")
     return c

@@ -7,8 +7,8 @@ budget, and a longer cooldown helps up to ~20% of training, where the gains plat
 Five runs of configs/papers/pretrain.py (one phase on the prose/code/unicode mix), equal steps and peak: cosine
 to 10% of the peak (the usual baseline), and WSD with a 1-sqrt cooldown to 0 over the last 5, 10, 20, 30%.
 Scaled down: a 0.1M-parameter model and 400 steps instead of 124M-360M models and billions of tokens. Three seeds
-(15 runs, ~6 minutes on a 2-core CPU): the differences between cooldowns are a few hundredths of a nat. Size:
-budget.steps=N.
+(15 runs, ~6 minutes on a 2-core CPU): the differences between cooldowns are a few hundredths of a nat.
+Size: size=N (N times the steps and the eval intervals).
 """
 
 import ml_collections
@@ -26,4 +26,5 @@ def get_config():
                    label="sched", names=("cosine", "wsd5", "wsd10", "wsd20", "wsd30")),)
     c.seeds = (0, 1, 2)
     c.metrics = ("final/*",)
+    c.scaled = ("budget.steps", "monitor.every", "monitor.dense_every", "monitor.dense_window", "log.every")
     return c

@@ -11,7 +11,7 @@ Two runs of configs/papers/three_domains.py (prose -> code -> unicode, 200 steps
   after it, and in every task a branch anneal over its last 10% to 3e-4: the annealed model is evaluated
   (release/<task>/<domain>) and training continues from the pre-anneal state, as the schedule intends.
 Compare each task's end (cos: end/<task>/*) with its release (inf: release/<task>/*). One seed.
-Size: budget.steps=N.
+Size: size=N (N times the steps and the eval intervals).
 """
 
 import ml_collections
@@ -30,4 +30,5 @@ def get_config():
         dict(key="phases.t3.schedule", values=(COS, dict(INF, warmup=0)), label="s3", names=("cos", "inf")),
     )),)
     c.metrics = ("end/*", "release/*", "gap/*", "final/*")
+    c.scaled = ("budget.steps", "monitor.every", "monitor.dense_every", "monitor.dense_window", "log.every")
     return c

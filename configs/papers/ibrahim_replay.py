@@ -12,7 +12,7 @@ Ten runs of configs/papers/continual.py: the weak (prose -> code) and strong (pr
 cosine re-decay). Replay takes rows from the phase's budget: the compute is equal across points. The baseline
 (configs/papers/ibrahim_scratch.py) trains one phase on a 50/50 union of both domains for the same 400 steps.
 Scaled down: a 0.1M-parameter model and 200 + 200 steps instead of 405M/10B models on 300B + 200B tokens; one
-seed. Size: budget.steps=N (on both sweeps).
+seed. Size: size=N on both sweeps (N times the steps and the eval intervals).
 """
 
 import ml_collections
@@ -27,4 +27,5 @@ def get_config():
     c.axes = (dict(key="data.domains", values=tuple(PAIRS.values()), label="shift", names=tuple(PAIRS)),
               dict(key="phases.shift.replay", values=(0.0, 0.01, 0.05, 0.25, 0.5), label="replay"))
     c.metrics = ("final/*", "forgetting/shift/*", "adaptation/shift/*")
+    c.scaled = ("budget.steps", "monitor.every", "monitor.dense_every", "monitor.dense_window", "log.every")
     return c

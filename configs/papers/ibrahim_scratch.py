@@ -5,8 +5,8 @@ on the union of both domains, with the compute of the continual runs (400 steps:
 
 Two runs of configs/papers/continual.py with its two phases replaced by one: 100% of the budget on a 50/50 mix
 of old and new (both domains have more rows than 200 steps read, so this is the union as the runs see it),
-warmup 2.5% (the base phase's 10 steps) and cosine 3e-3 -> 3e-4; the weak and the strong pair. Size:
-budget.steps=N.
+warmup 2.5% (the base phase's 10 steps) and cosine 3e-3 -> 3e-4; the weak and the strong pair.
+Size: size=N (N times the steps and the eval intervals).
 """
 
 import ml_collections
@@ -23,4 +23,5 @@ def get_config():
     c.overrides = (f"phases={UNION!r}",)
     c.axes = (dict(key="data.domains", values=tuple(PAIRS.values()), label="shift", names=tuple(PAIRS)),)
     c.metrics = ("final/*",)
+    c.scaled = ("budget.steps", "monitor.every", "monitor.dense_every", "monitor.dense_window", "log.every")
     return c

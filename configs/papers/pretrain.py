@@ -8,7 +8,8 @@ mix is mostly prose with some code and a little unicode (character names), the s
 general domain and smaller specialised ones.
 
 Size: as configs/papers/continual.py, `budget.steps=N` scales the plan (warmup, decay, cooldown and upsampling
-windows are fractions of it); the default 400 steps of the `tiny` model run in ~20-30 s on a 2-core CPU.
+windows are fractions of it; the sweeps' `size=N` scales the monitor's intervals too); the default 400 steps of
+the `tiny` model run in ~20-30 s on a 2-core CPU.
 """
 
 import ml_collections

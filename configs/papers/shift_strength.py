@@ -9,7 +9,8 @@ nats/token; 0 = no shift). The shift phase then shows what the switch costs (for
 (adaptation to new) with no countermeasure.
 - weak:   prose -> code (the stdlib sources contain the docstrings that make up much of the prose);
 - strong: prose -> unicode (character names: a vocabulary and a syntax prose never shows).
-Seeds: the config's one (add seeds=(0, 1, 2) with `c.seeds` for spread). Size: budget.steps=N.
+Seeds: the config's one (add seeds=(0, 1, 2) with `c.seeds` for spread).
+Size: size=N (N times the steps and the eval intervals).
 """
 
 import ml_collections
@@ -23,4 +24,5 @@ def get_config():
     c.base = "configs/papers/continual.py"
     c.axes = (dict(key="data.domains", values=tuple(PAIRS.values()), label="shift", names=tuple(PAIRS)),)
     c.metrics = ("end/base/*", "final/*", "gap/shift/*", "forgetting/shift/*", "adaptation/shift/*")
+    c.scaled = ("budget.steps", "monitor.every", "monitor.dense_every", "monitor.dense_window", "log.every")
     return c

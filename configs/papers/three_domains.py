@@ -4,7 +4,8 @@ tasks), each phase on its new domain alone, re-warmed cosine in every phase (the
     clt prepare demo --out data/demo
     clt train configs/papers/three_domains.py --workdir runs/papers/three
 
-Size: `budget.steps=N` scales the plan (default 600: three phases of 200 steps, ~40 s on a 2-core CPU).
+Size: `budget.steps=N` scales the plan (default 600: three phases of 200 steps, ~40 s on a 2-core CPU); the
+sweep's `size=N` scales the monitor's intervals with it.
 """
 
 import ml_collections
