@@ -373,9 +373,9 @@ SECTIONS = (
             "better on the new domain. Why we think so: at this scale the gap is a matter of distribution "
             "distance, and both subsets move the model further from the old domain, a few documents repeated "
             "(the subset) or the documents least like the old domain (relevance ranking picks them by "
-            "construction: H_new - H_old is lowest for them); the paper's subsets were picked for a downstream "
-            "task from a corpus far larger than the budget, a benefit a held-out loss over the whole domain "
-            "does not measure. On the strong shift the relevance-ranked subset is the Yi, Vai and hieroglyph "
+            "construction: H_new - H_old is lowest for them); the paper's subsets come from a corpus far larger "
+            "than the budget and are judged by downstream medical tasks, a benefit a held-out loss over the "
+            "whole domain does not measure. On the strong shift the relevance-ranked subset is the Yi, Vai and hieroglyph "
             "syllable tables, the regular documents least like prose, and it generalises worst to the rest of "
             "the table, although it forgets the old domain a little more slowly."),
 )
